@@ -1,0 +1,360 @@
+"""The event catalog: the contract every part of gpuwarden and its users rely on.
+
+Each event is a frozen msgspec Struct tagged by `type`. Tags are never renamed; a
+field added later gets a default so that events written before it still decode.
+Pure module: no I/O, no clock, no randomness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from typing import Any, Final, TypeAlias
+
+import msgspec
+from gpuwarden.engine.errors import EventDecodeError
+
+
+class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Common fields of every event."""
+
+    id: str
+    at: datetime
+    actor: str
+    causation_id: str | None = None
+    correlation_id: str | None = None
+
+
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    uuid: str
+    index: int
+    model: str = "unknown"
+    memory_mb: int = 0
+
+
+# --- nodes -------------------------------------------------------------------------
+
+
+class NodeRegistered(_Base, frozen=True, tag="node.registered"):
+    node: str
+    runtime: str
+    gpus: tuple[GpuInfo, ...] = ()
+    declared: bool = False  # inventory declared by hand (no NVML driver)
+
+
+class NodeLost(_Base, frozen=True, tag="node.lost"):
+    node: str
+    last_heartbeat_at: datetime | None = None
+
+
+class NodeRecovered(_Base, frozen=True, tag="node.recovered"):
+    node: str
+    last_heartbeat_at: datetime | None = None
+
+
+# --- GPUs --------------------------------------------------------------------------
+
+
+class GpuFault(_Base, frozen=True, tag="gpu.fault"):
+    gpu_uuid: str
+    node: str
+    kind: str  # xid | ecc_dbe | fallen_off_bus | recovery_action
+    xid: int | None = None
+    detail: str = ""
+
+
+class GpuQuarantined(_Base, frozen=True, tag="gpu.quarantined"):
+    gpu_uuid: str
+    node: str
+    reason: str
+
+
+class GpuRestored(_Base, frozen=True, tag="gpu.restored"):
+    gpu_uuid: str
+    node: str
+    reason: str
+
+
+class GpuAllocated(_Base, frozen=True, tag="gpu.allocated"):
+    gpu_uuid: str
+    node: str
+    task_id: str
+    attempt: int
+
+
+class GpuReleased(_Base, frozen=True, tag="gpu.released"):
+    gpu_uuid: str
+    node: str
+    task_id: str
+    attempt: int
+
+
+# --- tasks -------------------------------------------------------------------------
+
+
+class TaskSubmitted(_Base, frozen=True, tag="task.submitted"):
+    task_id: str
+    name: str
+    image: str
+    command: tuple[str, ...]
+    gpus: int = 1
+    gpu_model: str | None = None
+    min_gpu_memory_mb: int = 0
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    owner: str = ""
+    memory_mb: int | None = None  # container memory limit; None = none
+    request_id: str | None = None  # client's idempotency key
+
+
+class TaskPending(_Base, frozen=True, tag="task.pending"):
+    task_id: str
+    reason: str
+    attempt: int = 1
+
+
+class TaskScheduled(_Base, frozen=True, tag="task.scheduled"):
+    task_id: str
+    attempt: int
+    node: str
+    gpu_uuids: tuple[str, ...]
+
+
+class ContainerStarted(_Base, frozen=True, tag="container.started"):
+    task_id: str
+    attempt: int
+    node: str
+    container_id: str
+
+
+class ContainerStartFailed(_Base, frozen=True, tag="container.start_failed"):
+    task_id: str
+    attempt: int
+    node: str
+    error: str
+
+
+class ContainerExited(_Base, frozen=True, tag="container.exited"):
+    task_id: str
+    attempt: int
+    node: str
+    container_id: str
+    exit_code: int | None = None
+    oom_killed: bool = False
+    signal: int | None = None
+    error: str = ""
+    finished_at: datetime | None = None
+
+
+class FaultClassified(_Base, frozen=True, tag="fault.classified"):
+    task_id: str
+    attempt: int
+    fault: str
+    rule: str
+    evidence: tuple[str, ...] = ()
+
+
+class RebuildDecided(_Base, frozen=True, tag="rebuild.decided"):
+    task_id: str
+    attempt: int  # the new attempt
+    previous_attempt: int
+    fault: str
+    counted: bool
+    rule: int | None
+    not_before: datetime
+    exclude_gpus: tuple[str, ...] = ()
+    exclude_nodes: tuple[str, ...] = ()
+
+
+class TaskCompleted(_Base, frozen=True, tag="task.completed"):
+    task_id: str
+    attempt: int
+
+
+class TaskFailed(_Base, frozen=True, tag="task.failed"):
+    task_id: str
+    attempt: int | None
+    fault: str | None
+    reason: str  # not_target_fault | policy_rule | budget_exhausted | unschedulable
+    rule: int | None = None
+    detail: str = ""
+
+
+class TaskCancelled(_Base, frozen=True, tag="task.cancelled"):
+    task_id: str
+    reason: str
+    attempt: int | None = None
+
+
+Event: TypeAlias = (
+    NodeRegistered
+    | NodeLost
+    | NodeRecovered
+    | GpuFault
+    | GpuQuarantined
+    | GpuRestored
+    | GpuAllocated
+    | GpuReleased
+    | TaskSubmitted
+    | TaskPending
+    | TaskScheduled
+    | ContainerStarted
+    | ContainerStartFailed
+    | ContainerExited
+    | FaultClassified
+    | RebuildDecided
+    | TaskCompleted
+    | TaskFailed
+    | TaskCancelled
+)
+
+EVENT_TYPES: Final[dict[str, type[Any]]] = {
+    cls.__struct_config__.tag: cls for cls in Event.__args__
+}
+
+FAULT_TYPES: Final[tuple[str, ...]] = (
+    "completed",
+    "user_error",
+    "image_error",
+    "container_oom",
+    "gpu_app_error",
+    "gpu_hardware",
+    "node_lost",
+    "runtime_error",
+    "preempted",
+    "unknown",
+)
+FAILURE_REASONS: Final[tuple[str, ...]] = (
+    "not_target_fault",
+    "policy_rule",
+    "budget_exhausted",
+    "unschedulable",
+)
+
+# --- encoding ----------------------------------------------------------------------
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder(Event)
+_PATH = re.compile(r" - at `(\$[^`]*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def encode(event: Event) -> bytes:
+    """The event as JSON, with its `type` tag."""
+    return _encoder.encode(event)
+
+
+def decode(data: bytes | str) -> Event:
+    """One event from JSON; raises EventDecodeError naming the offending field."""
+    try:
+        event: Event = _decoder.decode(data)
+        return event
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _PATH.search(message)
+        path = match.group(1) if match else None
+        missing = _MISSING.search(message)
+        if missing:
+            path = f"{path or '$'}.{missing.group(1)}"
+        if path == "$.type" or "missing required field `type`" in message:
+            raise EventDecodeError(
+                f"unknown or missing event type: {message}", path="$.type"
+            ) from None
+        raise EventDecodeError(f"invalid event: {message}", path=path) from None
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(f"malformed JSON: {exc}") from None
+
+
+def to_builtins(event: Event) -> dict[str, Any]:
+    """The event as plain JSON-able data (for --json output and SQLite payloads)."""
+    result: dict[str, Any] = msgspec.to_builtins(event)
+    return result
+
+
+def type_of(event: Event) -> str:
+    """The event's `type` tag."""
+    tag: str = event.__struct_config__.tag  # type: ignore[assignment]
+    return tag
+
+
+# --- subjects ----------------------------------------------------------------------
+
+EVENTS_STREAM: Final = "GW_EVENTS"
+COMMANDS_STREAM: Final = "GW_CMDS"
+EVENT_SUBJECTS: Final = "gw.evt.>"
+COMMAND_SUBJECTS: Final = "gw.cmd.*"
+DEAD_LETTER_SUBJECT: Final = "gw.dlq"
+
+_TOKEN_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def subject_token(value: str) -> str:
+    """A value made safe as one NATS subject token (no dots, spaces or wildcards).
+
+    Names that are already safe pass unchanged; others get a stable escape, so two
+    different values never share a subject.
+    """
+    if _TOKEN_OK.match(value):
+        return value
+    digest = hashlib.blake2b(value.encode(), digest_size=6).hexdigest()
+    cleaned = re.sub(r"[^A-Za-z0-9_\-]", "_", value)
+    return f"{cleaned}~{digest}"
+
+
+def task_subject(task_id: str) -> str:
+    return f"gw.evt.task.{subject_token(task_id)}"
+
+
+def gpu_subject(gpu_uuid: str) -> str:
+    return f"gw.evt.gpu.{subject_token(gpu_uuid)}"
+
+
+def node_subject(node: str) -> str:
+    return f"gw.evt.node.{subject_token(node)}"
+
+
+def command_subject(node: str) -> str:
+    return f"gw.cmd.{subject_token(node)}"
+
+
+def subject_of(event: Event) -> str:
+    """The aggregate subject an event belongs to."""
+    match event:
+        case NodeRegistered() | NodeLost() | NodeRecovered():
+            return node_subject(event.node)
+        case GpuFault() | GpuQuarantined() | GpuRestored() | GpuAllocated() | GpuReleased():
+            return gpu_subject(event.gpu_uuid)
+        case _:
+            return task_subject(event.task_id)
+
+
+# --- ids ---------------------------------------------------------------------------
+
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _b32(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def make_id(epoch_ms: int, entropy: int) -> str:
+    """A ULID-shaped id: 10 chars of milliseconds, then 16 of entropy; sorts by time.
+
+    The caller supplies time and entropy (the id generator lives outside the pure core).
+    """
+    return _b32(epoch_ms & ((1 << 50) - 1), 10) + _b32(entropy & ((1 << 80) - 1), 16)
+
+
+def derive_id(parent_id: str, label: str) -> str:
+    """A decision's id, derived from the event that caused it.
+
+    The same trigger always yields the same ids, so a retried decision is dropped by
+    the server's `Nats-Msg-Id` de-duplication and a replay re-derives it bit for bit.
+    The parent's time prefix is kept, so derived ids still sort by time.
+    """
+    digest = hashlib.blake2b(f"{parent_id}/{label}".encode(), digest_size=10).digest()
+    return parent_id[:10] + _b32(int.from_bytes(digest, "big"), 16)

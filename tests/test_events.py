@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+from gpuwarden.engine import events as ev
+from gpuwarden.engine.errors import EventDecodeError
+
+AT = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+def sample_events() -> list[ev.Event]:
+    common = {"at": AT, "actor": "engine", "correlation_id": "t1"}
+    gpu = ev.GpuInfo(uuid="GPU-1", index=0, model="H100", memory_mb=81920)
+    return [
+        ev.NodeRegistered(id="e01", node="n1", runtime="docker", gpus=(gpu,), **common),
+        ev.NodeLost(id="e02", node="n1", last_heartbeat_at=AT, **common),
+        ev.NodeRecovered(id="e03", node="n1", last_heartbeat_at=AT, **common),
+        ev.GpuFault(id="e04", gpu_uuid="GPU-1", node="n1", kind="xid", xid=48, **common),
+        ev.GpuQuarantined(id="e05", gpu_uuid="GPU-1", node="n1", reason="xid 48", **common),
+        ev.GpuRestored(id="e06", gpu_uuid="GPU-1", node="n1", reason="reset", **common),
+        ev.TaskSubmitted(
+            id="e07",
+            task_id="t1",
+            name="n",
+            image="img",
+            command=("python", "x.py"),
+            env={"A": "1"},
+            owner="ann",
+            **common,
+        ),
+        ev.TaskPending(id="e08", task_id="t1", reason="no free GPU", **common),
+        ev.GpuAllocated(id="e09", gpu_uuid="GPU-1", node="n1", task_id="t1", attempt=1, **common),
+        ev.TaskScheduled(
+            id="e10", task_id="t1", attempt=1, node="n1", gpu_uuids=("GPU-1",), **common
+        ),
+        ev.ContainerStarted(
+            id="e11", task_id="t1", attempt=1, node="n1", container_id="c", **common
+        ),
+        ev.ContainerStartFailed(id="e12", task_id="t1", attempt=1, node="n1", error="x", **common),
+        ev.ContainerExited(
+            id="e13",
+            task_id="t1",
+            attempt=1,
+            node="n1",
+            container_id="c",
+            exit_code=137,
+            signal=9,
+            finished_at=AT,
+            **common,
+        ),
+        ev.FaultClassified(
+            id="e14",
+            task_id="t1",
+            attempt=1,
+            fault="preempted",
+            rule="signal",
+            evidence=("e13",),
+            **common,
+        ),
+        ev.RebuildDecided(
+            id="e15",
+            task_id="t1",
+            attempt=2,
+            previous_attempt=1,
+            fault="preempted",
+            counted=True,
+            rule=None,
+            not_before=AT,
+            **common,
+        ),
+        ev.GpuReleased(id="e16", gpu_uuid="GPU-1", node="n1", task_id="t1", attempt=1, **common),
+        ev.TaskCompleted(id="e17", task_id="t1", attempt=2, **common),
+        ev.TaskFailed(
+            id="e18", task_id="t1", attempt=2, fault="user_error", reason="policy_rule", **common
+        ),
+        ev.TaskCancelled(id="e19", task_id="t1", reason="owner", **common),
+    ]
+
+
+def test_catalog_covers_every_type_of_the_design() -> None:
+    assert set(ev.EVENT_TYPES) == {
+        "node.registered",
+        "node.lost",
+        "node.recovered",
+        "gpu.fault",
+        "gpu.quarantined",
+        "gpu.restored",
+        "task.submitted",
+        "task.pending",
+        "gpu.allocated",
+        "gpu.released",
+        "task.scheduled",
+        "container.started",
+        "container.start_failed",
+        "container.exited",
+        "fault.classified",
+        "rebuild.decided",
+        "task.completed",
+        "task.failed",
+        "task.cancelled",
+    }
+    assert {ev.type_of(e) for e in sample_events()} == set(ev.EVENT_TYPES)
+
+
+@pytest.mark.parametrize("event", sample_events(), ids=lambda e: ev.type_of(e))
+def test_round_trip(event: ev.Event) -> None:
+    data = ev.encode(event)
+    assert msgspec.json.decode(data)["type"] == ev.type_of(event)
+    assert ev.decode(data) == event
+
+
+def test_events_are_frozen() -> None:
+    event = sample_events()[0]
+    with pytest.raises(AttributeError):
+        event.node = "other"  # type: ignore[misc]
+
+
+def test_unknown_type_is_named() -> None:
+    with pytest.raises(EventDecodeError) as info:
+        ev.decode(b'{"type": "task.exploded", "id": "x"}')
+    assert info.value.path == "$.type"
+    assert "task.exploded" in str(info.value)
+
+
+def test_missing_field_is_named() -> None:
+    with pytest.raises(EventDecodeError) as info:
+        ev.decode(b'{"type":"task.pending","id":"x","at":"2026-01-01T00:00:00Z","actor":"a"}')
+    assert info.value.path == "$.task_id"
+
+
+def test_wrong_field_type_is_named() -> None:
+    data = b'{"type":"task.pending","id":"x","at":"2026-01-01T00:00:00Z","actor":"a",'
+    data += b'"task_id":7,"reason":"r"}'
+    with pytest.raises(EventDecodeError) as info:
+        ev.decode(data)
+    assert info.value.path == "$.task_id"
+
+
+def test_malformed_json_is_a_decode_error() -> None:
+    with pytest.raises(EventDecodeError):
+        ev.decode(b"{not json")
+
+
+def test_event_written_before_a_field_was_added_still_decodes() -> None:
+    # task.submitted as an early writer stored it: no env, owner, memory_mb, request_id.
+    old = (
+        b'{"type":"task.submitted","id":"x","at":"2026-01-01T00:00:00Z","actor":"api",'
+        b'"task_id":"t","name":"n","image":"i","command":["a"]}'
+    )
+    event = ev.decode(old)
+    assert isinstance(event, ev.TaskSubmitted)
+    assert event.env == {} and event.memory_mb is None and event.request_id is None
+
+
+def test_event_from_a_newer_writer_with_unknown_fields_decodes() -> None:
+    data = (
+        b'{"type":"task.pending","id":"x","at":"2026-01-01T00:00:00Z","actor":"a",'
+        b'"task_id":"t","reason":"r","added_in_2030":true}'
+    )
+    assert isinstance(ev.decode(data), ev.TaskPending)
+
+
+def test_ids_are_unique_and_sort_by_time() -> None:
+    from gpuwarden.engine.ids import new_id
+
+    ids = [new_id(datetime(2026, 1, 1, 0, 0, second, tzinfo=UTC)) for second in range(50)]
+    assert ids == sorted(ids)
+    assert len({new_id() for _ in range(10_000)}) == 10_000
+
+
+def test_derived_ids_are_stable_and_distinct() -> None:
+    parent = ev.make_id(1_700_000_000_000, 12345)
+    assert ev.derive_id(parent, "a") == ev.derive_id(parent, "a")
+    assert ev.derive_id(parent, "a") != ev.derive_id(parent, "b")
+    assert ev.derive_id(parent, "a")[:10] == parent[:10]
+
+
+def test_subjects_per_aggregate() -> None:
+    by_type = {ev.type_of(e): ev.subject_of(e) for e in sample_events()}
+    assert by_type["node.lost"] == "gw.evt.node.n1"
+    assert by_type["gpu.allocated"] == "gw.evt.gpu.GPU-1"
+    assert by_type["container.exited"] == "gw.evt.task.t1"
+    assert ev.subject_token("node-a/0") != ev.subject_token("node-a_0")
+    assert "." not in ev.subject_token("a.b") and "*" not in ev.subject_token("a*")
