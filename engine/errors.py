@@ -57,3 +57,19 @@ class TaskRequestError(GpuwardenError):
 
 class NatsServerError(GpuwardenError):
     """The embedded nats-server could not be started or reached."""
+
+
+class ContainerStartError(GpuwardenError):
+    """The container engine refused to create or start a container.
+
+    The message carries the daemon's own text (missing image, missing executable,
+    device request refused, engine unreachable), so the fault can be classified from it.
+    """
+
+
+class ContainerRuntimeError(GpuwardenError):
+    """The container engine failed outside a start: unreachable, or its event stream broke."""
+
+
+class GpuProbeError(GpuwardenError):
+    """NVML could not be initialised or read (no driver, no library, GPU lost)."""
