@@ -1,0 +1,839 @@
+"""The supervisor: the state-machine projector of EP4224317A1 as two pure functions.
+
+`evolve(state, event)` folds one event into the state (in place, and returns it:
+the fold owns its state). `decide(state, event, now)` returns the decisions that
+`event` — already folded — leads to, plus every timer that is due at `now`
+(evidence windows, backoff). `event=None` means only a timer is due.
+
+Decisions are grouped: each group is one atomic append (the task, the GPUs it
+leaves and the GPUs it takes), and its ids derive from the event the decision is
+about, so a retry or a replay re-derives them bit for bit.
+
+Nothing here reads a clock, draws a random number or does I/O.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from gpuwarden.engine.commands import Command, RunCommand, StopCommand
+from gpuwarden.engine.events import (
+    ContainerExited,
+    ContainerStarted,
+    ContainerStartFailed,
+    Event,
+    FaultClassified,
+    GpuAllocated,
+    GpuFault,
+    GpuQuarantined,
+    GpuReleased,
+    GpuRestored,
+    NodeLost,
+    NodeRecovered,
+    NodeRegistered,
+    RebuildDecided,
+    TaskCancelled,
+    TaskCompleted,
+    TaskFailed,
+    TaskPending,
+    TaskScheduled,
+    TaskSubmitted,
+    derive_id,
+)
+from gpuwarden.engine.faults import (
+    DEFAULT_TABLE,
+    AttemptEvidence,
+    Classification,
+    FaultTable,
+    classify,
+    gpu_fault_class,
+)
+from gpuwarden.engine.placement import NoFit, Placement, PlacementRequest, place
+from gpuwarden.engine.policy import DEFAULT_POLICY, Policy, Verdict, judge
+
+ENGINE = "engine"
+GPU_FAULT_MEMORY = 16  # recent faults kept per GPU: evidence windows are seconds long
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+# --- state -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class GpuState:
+    uuid: str
+    node: str
+    index: int
+    model: str
+    memory_mb: int
+    quarantined: bool = False
+    holder: tuple[str, int] | None = None  # (task_id, attempt)
+    faults: list[GpuFault] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class NodeState:
+    name: str
+    runtime: str
+    gpus: list[str] = field(default_factory=list)
+    alive: bool = True
+    lost: NodeLost | None = None
+
+
+@dataclass(slots=True)
+class AttemptState:
+    n: int
+    node: str
+    gpu_uuids: tuple[str, ...]
+    scheduled: TaskScheduled
+    container_id: str | None = None
+    started: bool = False
+    exited: ContainerExited | None = None
+    start_failed: ContainerStartFailed | None = None
+    node_lost: NodeLost | None = None
+    stop_requested: bool = False
+    classified: FaultClassified | None = None
+    released: bool = False  # its GPUs were given back
+
+    @property
+    def live(self) -> bool:
+        """Scheduled and not yet known to have ended."""
+        return (
+            self.exited is None
+            and self.start_failed is None
+            and self.classified is None
+            and not self.released
+        )
+
+
+@dataclass(slots=True)
+class TaskState:
+    spec: TaskSubmitted
+    order: int  # submission order, for placing pending tasks fairly
+    status: str = "pending"  # pending | waiting | running | completed | failed | cancelled
+    attempts: dict[int, AttemptState] = field(default_factory=dict)
+    next_attempt: int = 1  # the attempt that placement will create next
+    rebuild: RebuildDecided | None = None  # the decided rebuild awaiting placement
+    pending_reason: str | None = None
+    counted_rebuilds: list[datetime] = field(default_factory=list)
+    rebuilds: int = 0
+    failure: TaskFailed | None = None
+
+    @property
+    def current(self) -> AttemptState | None:
+        return self.attempts.get(self.next_attempt - 1)
+
+
+@dataclass(order=True, frozen=True, slots=True)
+class Timer:
+    due: datetime
+    kind: str  # "evidence" | "backoff"
+    task_id: str
+    attempt: int
+
+
+@dataclass(slots=True)
+class State:
+    policy: Policy = DEFAULT_POLICY
+    table: FaultTable = DEFAULT_TABLE
+    nodes: dict[str, NodeState] = field(default_factory=dict)
+    gpus: dict[str, GpuState] = field(default_factory=dict)
+    tasks: dict[str, TaskState] = field(default_factory=dict)
+    waiting: dict[str, None] = field(default_factory=dict)  # ordered set: awaiting placement
+    timers: list[Timer] = field(default_factory=list)  # heap; stale entries are skipped
+    submitted: int = 0
+    events: int = 0
+
+
+def initial_state(policy: Policy = DEFAULT_POLICY, table: FaultTable | None = None) -> State:
+    """An empty cluster under a policy; the evidence window comes from the policy."""
+    if table is None:
+        table = FaultTable(window_s=policy.evidence_window_s)
+    return State(policy=policy, table=table)
+
+
+# --- evolve ------------------------------------------------------------------------
+
+
+def evolve(state: State, event: Event) -> State:
+    """Fold one event. Total: an event about something unknown changes nothing."""
+    handler = _EVOLVE.get(type(event))
+    state.events += 1
+    if handler is not None:
+        handler(state, event)
+        if state.timers and type(event) in _SETTLES_TIMERS:
+            _drop_stale_timers(state)
+    return state
+
+
+def _timer_valid(state: State, timer: Timer) -> bool:
+    task = state.tasks.get(timer.task_id)
+    if task is None or task.status in TERMINAL:
+        return False
+    if timer.kind == "evidence":
+        attempt = task.attempts.get(timer.attempt)
+        return attempt is not None and attempt.classified is None and not attempt.stop_requested
+    rebuild = task.rebuild
+    return (
+        task.status == "waiting"
+        and rebuild is not None
+        and rebuild.attempt == timer.attempt
+        and task.pending_reason is None
+    )
+
+
+def _drop_stale_timers(state: State) -> None:
+    while state.timers and not _timer_valid(state, state.timers[0]):
+        heapq.heappop(state.timers)
+
+
+def next_due(state: State) -> datetime | None:
+    """When decide must next be called with no event (a timer), if ever."""
+    return state.timers[0].due if state.timers else None
+
+
+def _on_node_registered(state: State, e: NodeRegistered) -> None:
+    node = state.nodes.get(e.node)
+    if node is None:
+        node = state.nodes[e.node] = NodeState(name=e.node, runtime=e.runtime)
+    node.runtime = e.runtime
+    node.alive = True
+    node.lost = None
+    uuids = []
+    for info in e.gpus:
+        gpu = state.gpus.get(info.uuid)
+        if gpu is None:
+            state.gpus[info.uuid] = GpuState(
+                uuid=info.uuid,
+                node=e.node,
+                index=info.index,
+                model=info.model,
+                memory_mb=info.memory_mb,
+            )
+        else:
+            gpu.node, gpu.index, gpu.model, gpu.memory_mb = (
+                e.node,
+                info.index,
+                info.model,
+                info.memory_mb,
+            )
+        uuids.append(info.uuid)
+    node.gpus = uuids
+
+
+def _on_node_lost(state: State, e: NodeLost) -> None:
+    node = state.nodes.get(e.node)
+    if node is None:
+        return
+    node.alive = False
+    node.lost = e
+    for task in state.tasks.values():
+        attempt = task.current
+        if attempt is not None and attempt.node == e.node and attempt.classified is None:
+            attempt.node_lost = e
+
+
+def _on_node_recovered(state: State, e: NodeRecovered) -> None:
+    node = state.nodes.get(e.node)
+    if node is not None:
+        node.alive = True
+        node.lost = None
+
+
+def _on_gpu_fault(state: State, e: GpuFault) -> None:
+    gpu = state.gpus.get(e.gpu_uuid)
+    if gpu is None:
+        return
+    gpu.faults.append(e)
+    if len(gpu.faults) > GPU_FAULT_MEMORY:
+        del gpu.faults[0]
+
+
+def _on_gpu_quarantined(state: State, e: GpuQuarantined) -> None:
+    gpu = state.gpus.get(e.gpu_uuid)
+    if gpu is not None:
+        gpu.quarantined = True
+
+
+def _on_gpu_restored(state: State, e: GpuRestored) -> None:
+    gpu = state.gpus.get(e.gpu_uuid)
+    if gpu is not None:
+        gpu.quarantined = False
+
+
+def _on_gpu_allocated(state: State, e: GpuAllocated) -> None:
+    gpu = state.gpus.get(e.gpu_uuid)
+    if gpu is not None:
+        gpu.holder = (e.task_id, e.attempt)
+
+
+def _on_gpu_released(state: State, e: GpuReleased) -> None:
+    gpu = state.gpus.get(e.gpu_uuid)
+    if gpu is not None and gpu.holder == (e.task_id, e.attempt):
+        gpu.holder = None
+    task = state.tasks.get(e.task_id)
+    if task is not None and e.attempt in task.attempts:
+        task.attempts[e.attempt].released = True
+
+
+def _on_task_submitted(state: State, e: TaskSubmitted) -> None:
+    if e.task_id in state.tasks:
+        return  # a duplicate submission never replaces a task
+    state.tasks[e.task_id] = TaskState(spec=e, order=state.submitted)
+    state.submitted += 1
+    state.waiting[e.task_id] = None
+
+
+def _on_task_pending(state: State, e: TaskPending) -> None:
+    task = state.tasks.get(e.task_id)
+    if task is not None:
+        task.pending_reason = e.reason
+
+
+def _on_task_scheduled(state: State, e: TaskScheduled) -> None:
+    task = state.tasks.get(e.task_id)
+    if task is None:
+        return
+    task.attempts[e.attempt] = AttemptState(
+        n=e.attempt, node=e.node, gpu_uuids=e.gpu_uuids, scheduled=e
+    )
+    task.next_attempt = e.attempt + 1
+    task.status = "running"
+    task.pending_reason = None
+    task.rebuild = None
+    state.waiting.pop(e.task_id, None)
+    node = state.nodes.get(e.node)
+    if node is not None and not node.alive:
+        task.attempts[e.attempt].node_lost = node.lost
+
+
+def _attempt(state: State, task_id: str, n: int) -> AttemptState | None:
+    task = state.tasks.get(task_id)
+    return None if task is None else task.attempts.get(n)
+
+
+def _on_container_started(state: State, e: ContainerStarted) -> None:
+    attempt = _attempt(state, e.task_id, e.attempt)
+    if attempt is not None:
+        attempt.started = True
+        attempt.container_id = e.container_id
+
+
+def _on_container_start_failed(state: State, e: ContainerStartFailed) -> None:
+    attempt = _attempt(state, e.task_id, e.attempt)
+    if attempt is not None and attempt.start_failed is None:
+        attempt.start_failed = e
+
+
+def _on_container_exited(state: State, e: ContainerExited) -> None:
+    attempt = _attempt(state, e.task_id, e.attempt)
+    if attempt is None or attempt.exited is not None:
+        return
+    attempt.exited = e
+    attempt.container_id = attempt.container_id or e.container_id
+    if attempt.classified is None and not attempt.stop_requested and e.exit_code != 0:
+        due = e.at + timedelta(seconds=state.table.window_s)
+        heapq.heappush(state.timers, Timer(due, "evidence", e.task_id, e.attempt))
+
+
+def _on_fault_classified(state: State, e: FaultClassified) -> None:
+    attempt = _attempt(state, e.task_id, e.attempt)
+    if attempt is not None:
+        attempt.classified = e
+
+
+def _on_rebuild_decided(state: State, e: RebuildDecided) -> None:
+    task = state.tasks.get(e.task_id)
+    if task is None:
+        return
+    task.status = "waiting"
+    task.rebuild = e
+    task.next_attempt = e.attempt
+    task.rebuilds += 1
+    if e.counted:
+        task.counted_rebuilds.append(e.at)
+    state.waiting[e.task_id] = None
+    heapq.heappush(state.timers, Timer(e.not_before, "backoff", e.task_id, e.attempt))
+
+
+def _end_task(state: State, task_id: str, status: str) -> TaskState | None:
+    task = state.tasks.get(task_id)
+    if task is None:
+        return None
+    task.status = status
+    task.rebuild = None
+    state.waiting.pop(task_id, None)
+    return task
+
+
+def _on_task_completed(state: State, e: TaskCompleted) -> None:
+    _end_task(state, e.task_id, "completed")
+
+
+def _on_task_failed(state: State, e: TaskFailed) -> None:
+    task = _end_task(state, e.task_id, "failed")
+    if task is not None:
+        task.failure = e
+
+
+def _on_task_cancelled(state: State, e: TaskCancelled) -> None:
+    task = state.tasks.get(e.task_id)
+    if task is None or task.status in TERMINAL:
+        return
+    attempt = task.current
+    if attempt is not None and attempt.live:
+        attempt.stop_requested = True
+    _end_task(state, e.task_id, "cancelled")
+
+
+_EVOLVE: dict[type[Any], Callable[[State, Any], None]] = {
+    NodeRegistered: _on_node_registered,
+    NodeLost: _on_node_lost,
+    NodeRecovered: _on_node_recovered,
+    GpuFault: _on_gpu_fault,
+    GpuQuarantined: _on_gpu_quarantined,
+    GpuRestored: _on_gpu_restored,
+    GpuAllocated: _on_gpu_allocated,
+    GpuReleased: _on_gpu_released,
+    TaskSubmitted: _on_task_submitted,
+    TaskPending: _on_task_pending,
+    TaskScheduled: _on_task_scheduled,
+    ContainerStarted: _on_container_started,
+    ContainerStartFailed: _on_container_start_failed,
+    ContainerExited: _on_container_exited,
+    FaultClassified: _on_fault_classified,
+    RebuildDecided: _on_rebuild_decided,
+    TaskCompleted: _on_task_completed,
+    TaskFailed: _on_task_failed,
+    TaskCancelled: _on_task_cancelled,
+}
+
+_SETTLES_TIMERS = frozenset(
+    {FaultClassified, TaskScheduled, TaskPending, TaskCompleted, TaskFailed, TaskCancelled}
+)
+
+
+# --- decide ------------------------------------------------------------------------
+
+
+class _Round:
+    """The decisions of one decide call, and the GPUs they already promised."""
+
+    __slots__ = ("events", "now", "place", "state", "taken")
+
+    def __init__(self, state: State, now: datetime) -> None:
+        self.state = state
+        self.now = now
+        self.events: list[Event] = []
+        self.taken: set[str] = set()
+        self.place = False  # run a placement round at the end
+
+
+def decide(state: State, event: Event | None, now: datetime) -> list[Event]:
+    """Decisions that follow from `event` (already folded into `state`) and due timers.
+
+    The result is one atomic group for the log. Deterministic in (state, event, now).
+    """
+    round_ = _Round(state, now)
+    if event is not None:
+        reaction = _DECIDE.get(type(event))
+        if reaction is not None:
+            reaction(round_, event)
+    if state.timers and state.timers[0].due <= now:
+        _due_timers(round_)
+    if round_.place and state.waiting:
+        _placement_round(round_)
+    return round_.events
+
+
+def _due_timers(r: _Round) -> None:
+    due = sorted(t for t in r.state.timers if t.due <= r.now)
+    concluded: set[tuple[str, int]] = set()
+    for timer in due:
+        if not _timer_valid(r.state, timer):
+            continue
+        if timer.kind == "backoff":
+            r.place = True
+        elif (timer.task_id, timer.attempt) not in concluded:
+            concluded.add((timer.task_id, timer.attempt))
+            task = r.state.tasks[timer.task_id]
+            _conclude(r, task, task.attempts[timer.attempt])
+
+
+def _evidence(state: State, attempt: AttemptState, task_id: str) -> AttemptEvidence:
+    faults: list[GpuFault] = []
+    for uuid in attempt.gpu_uuids:
+        gpu = state.gpus.get(uuid)
+        if gpu is not None:
+            faults.extend(gpu.faults)
+    return AttemptEvidence(
+        task_id=task_id,
+        attempt=attempt.n,
+        node=attempt.node,
+        gpu_uuids=attempt.gpu_uuids,
+        exited=attempt.exited,
+        start_failed=attempt.start_failed,
+        gpu_faults=tuple(faults),
+        node_lost=attempt.node_lost,
+        stop_requested=attempt.stop_requested,
+    )
+
+
+def _about(attempt: AttemptState) -> str:
+    """Id of the event a conclusion is about: what ended the attempt."""
+    if attempt.start_failed is not None:
+        return attempt.start_failed.id
+    if attempt.exited is not None:
+        return attempt.exited.id
+    if attempt.node_lost is not None:
+        return derive_id(attempt.node_lost.id, f"{attempt.scheduled.id}")
+    return attempt.scheduled.id
+
+
+def _conclude(r: _Round, task: TaskState, attempt: AttemptState) -> None:
+    """Classify how an attempt ended and decide: complete, rebuild or fail."""
+    state, now = r.state, r.now
+    task_id = task.spec.task_id
+    cls = classify(_evidence(state, attempt, task_id), state.table)
+    parent = _about(attempt)
+    classified = FaultClassified(
+        id=derive_id(parent, "classified"),
+        at=now,
+        actor=ENGINE,
+        causation_id=parent if parent != attempt.scheduled.id else None,
+        correlation_id=task_id,
+        task_id=task_id,
+        attempt=attempt.n,
+        fault=cls.fault,
+        rule=cls.rule,
+        evidence=cls.evidence,
+    )
+    r.events.append(classified)
+    _quarantine(r, cls, classified.id, task_id)
+    verdict = (
+        Verdict(action="complete")
+        if cls.fault == "completed"
+        else judge(state.policy, cls.fault, cls.exit_code, task.counted_rebuilds, now)
+    )
+    r.events.append(_verdict_event(r, task, attempt, cls, verdict, classified.id))
+    _release(r, task_id, attempt, classified.id)
+
+
+def _verdict_event(
+    r: _Round,
+    task: TaskState,
+    attempt: AttemptState,
+    cls: Classification,
+    verdict: Verdict,
+    cause: str,
+) -> Event:
+    common: dict[str, Any] = {
+        "at": r.now,
+        "actor": ENGINE,
+        "causation_id": cause,
+        "correlation_id": task.spec.task_id,
+        "task_id": task.spec.task_id,
+    }
+    if verdict.action == "complete":
+        return TaskCompleted(id=derive_id(cause, "completed"), attempt=attempt.n, **common)
+    if verdict.action == "rebuild":
+        return RebuildDecided(
+            id=derive_id(cause, "rebuild"),
+            attempt=attempt.n + 1,
+            previous_attempt=attempt.n,
+            fault=cls.fault,
+            counted=verdict.counted,
+            rule=verdict.rule,
+            not_before=r.now + timedelta(seconds=verdict.backoff_s),
+            exclude_gpus=cls.exclude_gpus,
+            exclude_nodes=cls.exclude_nodes,
+            **common,
+        )
+    return TaskFailed(
+        id=derive_id(cause, "failed"),
+        attempt=attempt.n,
+        fault=cls.fault,
+        reason=verdict.reason or "not_target_fault",
+        rule=verdict.rule,
+        **common,
+    )
+
+
+def _quarantine(r: _Round, cls: Classification, cause: str, task_id: str | None) -> None:
+    for uuid in cls.quarantine:
+        gpu = r.state.gpus.get(uuid)
+        if gpu is None or gpu.quarantined:
+            continue
+        if any(isinstance(e, GpuQuarantined) and e.gpu_uuid == uuid for e in r.events):
+            continue
+        r.events.append(
+            GpuQuarantined(
+                id=derive_id(cause, f"quarantine/{uuid}"),
+                at=r.now,
+                actor=ENGINE,
+                causation_id=cause,
+                correlation_id=task_id,
+                gpu_uuid=uuid,
+                node=gpu.node,
+                reason=f"{cls.fault}: {cls.rule}",
+            )
+        )
+
+
+def _release(r: _Round, task_id: str, attempt: AttemptState, cause: str) -> None:
+    for uuid in attempt.gpu_uuids:
+        gpu = r.state.gpus.get(uuid)
+        if gpu is None or gpu.holder != (task_id, attempt.n):
+            continue
+        r.events.append(
+            GpuReleased(
+                id=derive_id(cause, f"release/{uuid}"),
+                at=r.now,
+                actor=ENGINE,
+                causation_id=cause,
+                correlation_id=task_id,
+                gpu_uuid=uuid,
+                node=gpu.node,
+                task_id=task_id,
+                attempt=attempt.n,
+            )
+        )
+
+
+def _current_open(state: State, task_id: str, n: int) -> tuple[TaskState, AttemptState] | None:
+    """The task and attempt, if this is the task's current attempt and undecided."""
+    task = state.tasks.get(task_id)
+    if task is None or task.status in TERMINAL or task.next_attempt - 1 != n:
+        return None
+    attempt = task.attempts.get(n)
+    if attempt is None or attempt.classified is not None or attempt.stop_requested:
+        return None
+    return task, attempt
+
+
+def _react_exited(r: _Round, e: ContainerExited) -> None:
+    if e.exit_code != 0:
+        return  # classified when its evidence window closes (a timer)
+    found = _current_open(r.state, e.task_id, e.attempt)
+    if found is not None:
+        _conclude(r, *found)
+
+
+def _react_start_failed(r: _Round, e: ContainerStartFailed) -> None:
+    found = _current_open(r.state, e.task_id, e.attempt)
+    if found is not None:
+        _conclude(r, *found)
+
+
+def _react_node_lost(r: _Round, e: NodeLost) -> None:
+    for task in r.state.tasks.values():
+        if task.status in TERMINAL:
+            continue
+        attempt = task.current
+        if attempt is None or attempt.node != e.node or attempt.node_lost is not e:
+            continue
+        if attempt.exited is not None:
+            continue  # its evidence window is open: the timer concludes it
+        found = _current_open(r.state, task.spec.task_id, attempt.n)
+        if found is not None:
+            _conclude(r, *found)
+
+
+def _react_gpu_fault(r: _Round, e: GpuFault) -> None:
+    gpu = r.state.gpus.get(e.gpu_uuid)
+    if gpu is None or gpu.quarantined:
+        return
+    kind = gpu_fault_class(e, r.state.table)
+    if kind not in ("gpu_hardware", "gpu_node"):
+        return
+    holder = gpu.holder[0] if gpu.holder is not None else None
+    detail = f"xid {e.xid}" if e.xid is not None else e.kind
+    r.events.append(
+        GpuQuarantined(
+            id=derive_id(e.id, "quarantine"),
+            at=r.now,
+            actor=ENGINE,
+            causation_id=e.id,
+            correlation_id=holder,
+            gpu_uuid=e.gpu_uuid,
+            node=gpu.node,
+            reason=f"{kind}: {detail}",
+        )
+    )
+
+
+def _react_cancelled(r: _Round, e: TaskCancelled) -> None:
+    task = r.state.tasks.get(e.task_id)
+    if task is None:
+        return
+    for attempt in task.attempts.values():
+        _release(r, e.task_id, attempt, e.id)
+
+
+def _react_capacity(r: _Round, e: Event) -> None:
+    r.place = True
+
+
+_DECIDE: dict[type[Any], Callable[[_Round, Any], None]] = {
+    ContainerExited: _react_exited,
+    ContainerStartFailed: _react_start_failed,
+    NodeLost: _react_node_lost,
+    GpuFault: _react_gpu_fault,
+    TaskCancelled: _react_cancelled,
+    TaskSubmitted: _react_capacity,
+    GpuReleased: _react_capacity,
+    GpuRestored: _react_capacity,
+    NodeRegistered: _react_capacity,
+    NodeRecovered: _react_capacity,
+}
+
+
+# --- placement ---------------------------------------------------------------------
+
+
+def _placement_round(r: _Round) -> None:
+    """Place waiting tasks in submission order, each on GPUs free at this moment."""
+    state = r.state
+    tasks = sorted((state.tasks[t] for t in state.waiting), key=lambda t: t.order)
+    for task in tasks:
+        rebuild = task.rebuild
+        if rebuild is not None and rebuild.not_before > r.now:
+            continue
+        spec = task.spec
+        request = PlacementRequest(
+            gpus=spec.gpus,
+            gpu_model=spec.gpu_model,
+            min_gpu_memory_mb=spec.min_gpu_memory_mb,
+            exclude_gpus=frozenset(rebuild.exclude_gpus) if rebuild else frozenset(),
+            exclude_nodes=frozenset(rebuild.exclude_nodes) if rebuild else frozenset(),
+        )
+        result = place(request, state.nodes, state.gpus, r.taken)
+        parent = rebuild.id if rebuild is not None else spec.id
+        if isinstance(result, Placement):
+            _schedule(r, task, result, parent)
+        else:
+            _not_placed(r, task, result, parent)
+
+
+def _schedule(r: _Round, task: TaskState, placement: Placement, parent: str) -> None:
+    task_id, n = task.spec.task_id, task.next_attempt
+    scheduled_id = derive_id(parent, f"scheduled/{n}")
+    for uuid in placement.gpu_uuids:
+        r.taken.add(uuid)
+        r.events.append(
+            GpuAllocated(
+                id=derive_id(parent, f"allocated/{n}/{uuid}"),
+                at=r.now,
+                actor=ENGINE,
+                causation_id=parent,
+                correlation_id=task_id,
+                gpu_uuid=uuid,
+                node=placement.node,
+                task_id=task_id,
+                attempt=n,
+            )
+        )
+    r.events.append(
+        TaskScheduled(
+            id=scheduled_id,
+            at=r.now,
+            actor=ENGINE,
+            causation_id=parent,
+            correlation_id=task_id,
+            task_id=task_id,
+            attempt=n,
+            node=placement.node,
+            gpu_uuids=placement.gpu_uuids,
+        )
+    )
+
+
+def _not_placed(r: _Round, task: TaskState, nofit: NoFit, parent: str) -> None:
+    task_id, n = task.spec.task_id, task.next_attempt
+    common: dict[str, Any] = {
+        "at": r.now,
+        "actor": ENGINE,
+        "causation_id": parent,
+        "correlation_id": task_id,
+        "task_id": task_id,
+    }
+    if not nofit.ever and n == 1:
+        r.events.append(
+            TaskFailed(
+                id=derive_id(parent, "unschedulable"),
+                attempt=None,
+                fault=None,
+                reason="unschedulable",
+                detail=nofit.reason,
+                **common,
+            )
+        )
+    elif nofit.reason != task.pending_reason:
+        r.events.append(
+            TaskPending(
+                id=derive_id(parent, f"pending/{n}/{nofit.reason}"),
+                reason=nofit.reason,
+                attempt=n,
+                **common,
+            )
+        )
+
+
+# --- commands ----------------------------------------------------------------------
+
+
+def commands_for(state: State, event: Event) -> list[Command]:
+    """Commands to node agents that a decision (already folded) calls for."""
+    if isinstance(event, TaskScheduled):
+        task = state.tasks.get(event.task_id)
+        if task is None:
+            return []
+        spec = task.spec
+        return [
+            RunCommand(
+                id=derive_id(event.id, "run"),
+                node=event.node,
+                task_id=event.task_id,
+                attempt=event.attempt,
+                causation_id=event.id,
+                image=spec.image,
+                command=spec.command,
+                env=dict(spec.env),
+                gpu_uuids=event.gpu_uuids,
+                memory_mb=spec.memory_mb,
+            )
+        ]
+    if isinstance(event, TaskCancelled):
+        task = state.tasks.get(event.task_id)
+        attempt = task.current if task is not None else None
+        if attempt is None or not attempt.stop_requested or attempt.exited is not None:
+            return []
+        return [_stop(event.id, attempt, event.task_id, f"cancelled: {event.reason}")]
+    if isinstance(event, NodeRecovered):
+        return [
+            _stop(event.id, attempt, task.spec.task_id, "stale: rebuilt while its node was lost")
+            for task in state.tasks.values()
+            for attempt in task.attempts.values()
+            if attempt.node == event.node
+            and attempt.exited is None
+            and attempt.classified is not None
+            and attempt.classified.fault == "node_lost"
+        ]
+    return []
+
+
+def _stop(cause: str, attempt: AttemptState, task_id: str, reason: str) -> StopCommand:
+    return StopCommand(
+        id=derive_id(cause, f"stop/{task_id}/{attempt.n}"),
+        node=attempt.node,
+        task_id=task_id,
+        attempt=attempt.n,
+        causation_id=cause,
+        reason=reason,
+        container_id=attempt.container_id,
+    )

@@ -1,0 +1,114 @@
+"""A pure in-memory driver of the supervisor for tests: the engine loop without I/O.
+
+It does what the engine runtime does — fold an event, decide, fold the decisions and
+decide on them in turn, fire timers at their due time — against a plain list.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from gpuwarden.engine import events as ev
+from gpuwarden.engine.policy import DEFAULT_POLICY, Policy
+from gpuwarden.engine.supervisor import State, decide, evolve, initial_state, next_due
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Driver:
+    def __init__(self, policy: Policy = DEFAULT_POLICY) -> None:
+        self.state: State = initial_state(policy)
+        self.now = T0
+        self.log: list[ev.Event] = []
+        self.decisions: list[tuple[int, str, list[ev.Event]]] = []  # (basis, trigger, group)
+        self._n = 0
+
+    def _id(self) -> str:
+        self._n += 1
+        return f"x{self._n:06d}"
+
+    def emit(self, cls: type[Any], **fields: Any) -> ev.Event:
+        fields.setdefault("actor", "scenario")
+        event = cls(id=self._id(), at=self.now, **fields)
+        self.append(event)
+        return event
+
+    def append(self, event: ev.Event) -> None:
+        self.log.append(event)
+        evolve(self.state, event)
+        self._decide(event)
+
+    def _decide(self, trigger: ev.Event | None) -> None:
+        basis = len(self.log)
+        group = decide(self.state, trigger, self.now)
+        if not group:
+            return
+        self.decisions.append((basis, trigger.id if trigger else "timer", group))
+        for event in group:
+            self.log.append(event)
+            evolve(self.state, event)
+        for event in group:
+            self._decide(event)
+
+    def advance(self, seconds: float) -> None:
+        target = self.now + timedelta(seconds=seconds)
+        while (due := next_due(self.state)) is not None and due <= target:
+            self.now = max(self.now, due)
+            self._decide(None)
+        self.now = target
+
+    # conveniences ---------------------------------------------------------------
+
+    def node(self, name: str, gpus: int, model: str = "H100", memory_mb: int = 81920) -> None:
+        infos = tuple(
+            ev.GpuInfo(uuid=f"{name}/{i}", index=i, model=model, memory_mb=memory_mb)
+            for i in range(gpus)
+        )
+        self.emit(ev.NodeRegistered, node=name, runtime="sim", gpus=infos)
+
+    def submit(self, task: str, gpus: int = 1, **fields: Any) -> None:
+        fields.setdefault("image", "img")
+        fields.setdefault("command", ("run",))
+        self.emit(ev.TaskSubmitted, task_id=task, name=task, gpus=gpus, **fields)
+
+    def attempt(self, task: str) -> Any:
+        current = self.state.tasks[task].current
+        assert current is not None, f"{task} has no attempt"
+        return current
+
+    def start(self, task: str) -> None:
+        a = self.attempt(task)
+        self.emit(
+            ev.ContainerStarted,
+            task_id=task,
+            attempt=a.n,
+            node=a.node,
+            container_id=f"c-{task}-{a.n}",
+        )
+
+    def exit(self, task: str, code: int, **fields: Any) -> None:
+        a = self.attempt(task)
+        self.emit(
+            ev.ContainerExited,
+            task_id=task,
+            attempt=a.n,
+            node=a.node,
+            container_id=f"c-{task}-{a.n}",
+            exit_code=code,
+            **fields,
+        )
+
+    def xid(self, gpu: str, code: int) -> None:
+        node = self.state.gpus[gpu].node
+        self.emit(ev.GpuFault, gpu_uuid=gpu, node=node, kind="xid", xid=code)
+
+    def of_type(self, cls: type[Any], task: str | None = None) -> list[Any]:
+        return [
+            e
+            for e in self.log
+            if isinstance(e, cls) and (task is None or getattr(e, "task_id", None) == task)
+        ]
+
+    def faults(self, task: str) -> list[str]:
+        return [e.fault for e in self.of_type(ev.FaultClassified, task) if e.fault != "completed"]
