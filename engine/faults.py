@@ -70,9 +70,22 @@ _SIGKILL: Final = 9
 _SIGTERM: Final = 15
 _MAX_SIGNAL: Final = 64
 
-# NVML's nvmlDeviceGpuRecoveryAction values, by number and by name.
-_RECOVERY_NODE: Final = frozenset({"2", "node_reboot"})
-_RECOVERY_GPU: Final = frozenset({"1", "3", "4", "gpu_reset", "drain_p2p", "drain_and_reset"})
+# NVML's nvmlDeviceGpuRecoveryAction_t, by number or name (NONE = 0 decides nothing).
+_RECOVERY_NODE: Final = frozenset({"2", "7", "node_reboot", "system_reboot"})
+_RECOVERY_GPU: Final = frozenset(
+    {
+        "1",
+        "3",
+        "4",
+        "5",
+        "6",
+        "gpu_reset",
+        "drain_p2p",
+        "drain_and_reset",
+        "recover_imex_domain",
+        "bus_reset",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +143,7 @@ def is_image_error(message: str) -> bool:
 
 def recovery_action_class(detail: str) -> str | None:
     """The class of an NVML recovery action written as its number or name."""
-    action = detail.strip().lower().removeprefix("nvml_gpu_recovery_action_")
+    action = detail.strip().lower().removeprefix("nvml_").removeprefix("gpu_recovery_action_")
     if action in _RECOVERY_NODE:
         return "gpu_node"
     if action in _RECOVERY_GPU:
