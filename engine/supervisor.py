@@ -15,7 +15,7 @@ Nothing here reads a clock, draws a random number or does I/O.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -264,6 +264,7 @@ def _on_gpu_restored(state: State, e: GpuRestored) -> None:
     gpu = state.gpus.get(e.gpu_uuid)
     if gpu is not None:
         gpu.quarantined = False
+        gpu.faults.clear()  # faults before a restore are settled
 
 
 def _on_gpu_allocated(state: State, e: GpuAllocated) -> None:
@@ -422,15 +423,17 @@ _SETTLES_TIMERS = frozenset(
 
 
 class _Round:
-    """The decisions of one decide call, and the GPUs they already promised."""
+    """The decisions of one decide call, and what they already promised."""
 
-    __slots__ = ("events", "now", "place", "state", "taken")
+    __slots__ = ("concluded", "events", "now", "place", "released", "state", "taken")
 
     def __init__(self, state: State, now: datetime) -> None:
         self.state = state
         self.now = now
         self.events: list[Event] = []
-        self.taken: set[str] = set()
+        self.taken: set[str] = set()  # GPUs allocated in this round
+        self.released: set[str] = set()  # GPUs released in this round
+        self.concluded: set[tuple[str, int]] = set()  # attempts classified in this round
         self.place = False  # run a placement round at the end
 
 
@@ -439,28 +442,72 @@ def decide(state: State, event: Event | None, now: datetime) -> list[Event]:
 
     The result is one atomic group for the log. Deterministic in (state, event, now).
     """
-    round_ = _Round(state, now)
-    if event is not None:
+    return decide_many(state, () if event is None else (event,), now)
+
+
+def decide_many(state: State, triggers: Sequence[Event], now: datetime) -> list[Event]:
+    """One decision round for several folded events at once (and due timers).
+
+    The engine decides on everything it folded since its last round in one go, so a
+    burst of events costs one atomic append; the round's own bookkeeping (GPUs taken
+    or released, attempts concluded) keeps its decisions from colliding.
+    """
+    r = _Round(state, now)
+    for event in triggers:
         reaction = _DECIDE.get(type(event))
         if reaction is not None:
-            reaction(round_, event)
+            reaction(r, event)
     if state.timers and state.timers[0].due <= now:
-        _due_timers(round_)
-    if round_.place and state.waiting:
-        _placement_round(round_)
-    return round_.events
+        _due_timers(r)
+    if r.place and state.waiting:
+        _placement_round(r)
+    return r.events
+
+
+def reconcile(state: State, now: datetime) -> list[Event]:
+    """Everything undecided in `state`, whatever triggered it: the startup sweep.
+
+    An engine that was down while events arrived decides on them here, as a level-
+    triggered controller would; anything already decided is left alone.
+    """
+    r = _Round(state, now)
+    for task in state.tasks.values():
+        if task.status in TERMINAL:
+            continue
+        attempt = task.current
+        if attempt is None or attempt.classified is not None or attempt.stop_requested:
+            continue
+        ended_now = attempt.start_failed is not None or (
+            attempt.exited is not None and attempt.exited.exit_code == 0
+        )
+        lost_before_exit = attempt.exited is None and attempt.node_lost is not None
+        if ended_now or lost_before_exit:
+            _conclude(r, task, attempt)
+    for gpu in state.gpus.values():
+        if not gpu.quarantined and gpu.faults:
+            for fault in gpu.faults:
+                if gpu_fault_class(fault, state.table) in ("gpu_hardware", "gpu_node"):
+                    _react_gpu_fault(r, fault)
+                    break
+    for task in state.tasks.values():
+        if task.status in TERMINAL:
+            for attempt in task.attempts.values():
+                _release(r, task.spec.task_id, attempt, _about(attempt))
+    if state.timers and state.timers[0].due <= now:
+        _due_timers(r)
+    if state.waiting:
+        _placement_round(r)
+    return r.events
 
 
 def _due_timers(r: _Round) -> None:
     due = sorted(t for t in r.state.timers if t.due <= r.now)
-    concluded: set[tuple[str, int]] = set()
     for timer in due:
         if not _timer_valid(r.state, timer):
             continue
         if timer.kind == "backoff":
             r.place = True
-        elif (timer.task_id, timer.attempt) not in concluded:
-            concluded.add((timer.task_id, timer.attempt))
+        else:
             task = r.state.tasks[timer.task_id]
             _conclude(r, task, task.attempts[timer.attempt])
 
@@ -499,6 +546,9 @@ def _conclude(r: _Round, task: TaskState, attempt: AttemptState) -> None:
     """Classify how an attempt ended and decide: complete, rebuild or fail."""
     state, now = r.state, r.now
     task_id = task.spec.task_id
+    if (task_id, attempt.n) in r.concluded:
+        return
+    r.concluded.add((task_id, attempt.n))
     cls = classify(_evidence(state, attempt, task_id), state.table)
     parent = _about(attempt)
     classified = FaultClassified(
@@ -588,8 +638,9 @@ def _quarantine(r: _Round, cls: Classification, cause: str, task_id: str | None)
 def _release(r: _Round, task_id: str, attempt: AttemptState, cause: str) -> None:
     for uuid in attempt.gpu_uuids:
         gpu = r.state.gpus.get(uuid)
-        if gpu is None or gpu.holder != (task_id, attempt.n):
+        if gpu is None or gpu.holder != (task_id, attempt.n) or uuid in r.released:
             continue
+        r.released.add(uuid)
         r.events.append(
             GpuReleased(
                 id=derive_id(cause, f"release/{uuid}"),
