@@ -542,6 +542,14 @@ def _about(attempt: AttemptState) -> str:
     return attempt.scheduled.id
 
 
+def _cause(attempt: AttemptState) -> str | None:
+    """Id of the logged event that ended the attempt (`_about` may derive from it)."""
+    for event in (attempt.start_failed, attempt.exited, attempt.node_lost):
+        if event is not None:
+            return event.id
+    return None
+
+
 def _conclude(r: _Round, task: TaskState, attempt: AttemptState) -> None:
     """Classify how an attempt ended and decide: complete, rebuild or fail."""
     state, now = r.state, r.now
@@ -555,7 +563,7 @@ def _conclude(r: _Round, task: TaskState, attempt: AttemptState) -> None:
         id=derive_id(parent, "classified"),
         at=now,
         actor=ENGINE,
-        causation_id=parent if parent != attempt.scheduled.id else None,
+        causation_id=_cause(attempt),
         correlation_id=task_id,
         task_id=task_id,
         attempt=attempt.n,
@@ -686,8 +694,8 @@ def _react_node_lost(r: _Round, e: NodeLost) -> None:
         if task.status in TERMINAL:
             continue
         attempt = task.current
-        if attempt is None or attempt.node != e.node or attempt.node_lost is not e:
-            continue
+        if attempt is None or attempt.node != e.node or attempt.node_lost != e:
+            continue  # by value: a replay decodes the trigger apart from the folded copy
         if attempt.exited is not None:
             continue  # its evidence window is open: the timer concludes it
         found = _current_open(r.state, task.spec.task_id, attempt.n)
