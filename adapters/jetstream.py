@@ -1,0 +1,731 @@
+"""The event log and the command bus on NATS JetStream.
+
+The stream sequence is an event's position; `Nats-Msg-Id` = the event id makes a
+retried append harmless; `Nats-Expected-Last-Subject-Sequence` turns each aggregate's
+subject into a compare-and-set, and atomic batches commit one decision across several
+aggregates all or nothing. This module maps the server's answers onto gpuwarden's
+errors so the engine never sees a nats-py exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from enum import Enum
+from typing import Any
+
+import anyio
+import nats
+import nats.errors
+import nats.js.errors
+from gpuwarden.engine.commands import Command, decode_command, encode_command
+from gpuwarden.engine.errors import (
+    ConcurrencyError,
+    EventDecodeError,
+    EventLogError,
+    StreamConfigError,
+)
+from gpuwarden.engine.events import (
+    COMMAND_SUBJECTS,
+    COMMANDS_STREAM,
+    EVENT_SUBJECTS,
+    EVENTS_STREAM,
+    Event,
+    command_subject,
+    decode,
+    encode,
+    subject_of,
+    subject_token,
+)
+from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.ports import StoredEvent
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import api
+
+log = logging.getLogger(__name__)
+
+MSG_ID = "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+BATCH_ID = "Nats-Batch-Id"
+BATCH_SEQ = "Nats-Batch-Sequence"
+BATCH_COMMIT = "Nats-Batch-Commit"
+
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+BATCH_DUPLICATE = 10201
+NO_MESSAGE_FOUND = 10037
+MAX_BATCH = 1000  # the server's limit on messages in one atomic batch
+_WRONG_SEQ_TEXT = re.compile(r"wrong last sequence:\s*(\d+)")
+
+
+async def connect(
+    url: str,
+    *,
+    creds: str | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    name: str = "gpuwarden",
+    **options: Any,
+) -> NatsClient:
+    """A nats-py connection; `url` may list several servers separated by commas."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    settings: dict[str, Any] = {
+        "name": name,
+        "reconnect_time_wait": 0.2,
+        "max_reconnect_attempts": -1,
+        "connect_timeout": 2,
+        "error_cb": _log_error,
+    }
+    settings.update(options)
+    if creds:
+        settings["user_credentials"] = creds
+    if tls_ca or tls_cert:
+        settings["tls"] = _tls_context(tls_ca, tls_cert, tls_key)
+    try:
+        return await nats.connect(servers, **settings)
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise EventLogError(
+            f"cannot connect to NATS at {url}: {exc or type(exc).__name__}"
+        ) from exc
+
+
+def _tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca)
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+async def _log_error(exc: Exception) -> None:
+    log.debug("nats: %s", exc)
+
+
+# --- stream configuration ------------------------------------------------------------
+
+
+def events_stream_config(replicas: int, duplicate_window_s: float) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=[EVENT_SUBJECTS],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        discard=api.DiscardPolicy.OLD,
+        max_msgs_per_subject=-1,
+        deny_delete=True,
+        deny_purge=True,
+        allow_atomic=True,
+        duplicate_window=duplicate_window_s,
+        num_replicas=replicas,
+    )
+
+
+def commands_stream_config(replicas: int, duplicate_window_s: float) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=COMMANDS_STREAM,
+        subjects=[COMMAND_SUBJECTS],
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE,
+        duplicate_window=duplicate_window_s,
+        num_replicas=replicas,
+    )
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def check_compatible(wanted: api.StreamConfig, found: api.StreamConfig) -> None:
+    """Raise StreamConfigError naming the first field where `found` breaks gpuwarden."""
+    name = wanted.name
+    if sorted(found.subjects or []) != sorted(wanted.subjects or []):
+        raise _mismatch(name, "subjects", wanted.subjects, found.subjects)
+    for field in ("retention", "storage"):
+        want, have = _plain(getattr(wanted, field)), _plain(getattr(found, field))
+        if want != have:
+            raise _mismatch(name, field, want, have)
+    for flag in ("deny_delete", "deny_purge", "allow_atomic"):
+        if getattr(wanted, flag) and not getattr(found, flag):
+            raise _mismatch(name, flag, True, getattr(found, flag))
+    if wanted.max_msgs_per_subject in (-1, 0) and (found.max_msgs_per_subject or -1) > 0:
+        raise _mismatch(name, "max_msgs_per_subject", -1, found.max_msgs_per_subject)
+
+
+def _mismatch(stream: str | None, field: str, want: Any, have: Any) -> StreamConfigError:
+    return StreamConfigError(
+        f"stream {stream} exists with an incompatible {field}: {have!r} "
+        f"(gpuwarden needs {want!r}); it was left unchanged"
+    )
+
+
+# --- raw messages --------------------------------------------------------------------
+
+
+def _stream_seq(reply: str) -> int:
+    """The stream sequence from a JetStream delivery's ack subject."""
+    tokens = reply.split(".")
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the form
+    # with <domain>.<account hash> after ACK (and an optional random token at the end).
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def stored_event(
+    seq: int, subject: str, data: bytes, headers: dict[str, str] | None
+) -> StoredEvent:
+    """A log entry; a payload that does not decode is kept with its error, never dropped."""
+    try:
+        event: Event | None = decode(data)
+        error = None
+    except EventDecodeError as exc:
+        event, error = None, str(exc)
+    except Exception as exc:  # a decoder bug must not stop a replay either
+        event, error = None, f"{type(exc).__name__}: {exc}"
+    return StoredEvent(
+        seq=seq, subject=subject, event=event, data=data, error=error, headers=headers or {}
+    )
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in raw.decode(errors="replace").split("\r\n")[1:]:
+        key, sep, value = line.partition(":")
+        if sep:
+            headers[key.strip()] = value.strip()
+    return headers
+
+
+class _RawMsg:
+    __slots__ = ("data", "headers", "seq", "subject")
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self.seq = int(body["seq"])
+        self.subject = str(body["subject"])
+        self.data = base64.b64decode(body.get("data") or b"")
+        hdrs = body.get("hdrs")
+        self.headers = _parse_headers(base64.b64decode(hdrs)) if hdrs else {}
+
+
+class _PubAcks:
+    """Pipelined publishes with their acks on one wildcard inbox.
+
+    nats-py's `publish_async` leaves a future pending forever when the server answers
+    with an error (its reply handler raises instead of failing the future), so a stale
+    expectation would look like a timeout; this resolves every answer, errors included.
+    """
+
+    def __init__(self, nc: NatsClient) -> None:
+        self.nc = nc
+        self.prefix = ""
+        self.pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.counter = 0
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[dict[str, Any]]:
+        if not self.prefix:
+            inbox = self.nc.new_inbox()
+            await self.nc.subscribe(f"{inbox}.*", cb=self._on_reply)
+            self.prefix = inbox + "."
+        self.counter += 1
+        token = str(self.counter)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[token] = future
+        try:
+            await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
+        except BaseException:
+            self.pending.pop(token, None)
+            raise
+        return future
+
+    def forget(self, futures: Sequence[asyncio.Future[dict[str, Any]]]) -> None:
+        for future in futures:
+            if not future.done():
+                future.cancel()
+        for token in [t for t, f in self.pending.items() if f.cancelled()]:
+            del self.pending[token]
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self.pending.pop(msg.subject[len(self.prefix) :], None)
+        if future is None or future.done():
+            return
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            answer: dict[str, Any] = {"error": {"code": 503, "description": "no responders"}}
+        else:
+            try:
+                answer = json.loads(msg.data)
+            except ValueError:
+                answer = {"error": {"code": 500, "description": f"bad ack {msg.data[:80]!r}"}}
+        future.set_result(answer)
+
+
+class _Feed:
+    """Messages handed from a subscription callback to an async iterator, with backpressure.
+
+    The callback blocks when the buffer is full, which stops flow-control replies, so
+    the server stops sending until the reader catches up.
+    """
+
+    def __init__(self, high_water: int = 8192) -> None:
+        self.buffer: deque[Msg] = deque()
+        self.high_water = high_water
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def put(self, msg: Msg) -> None:
+        self.buffer.append(msg)
+        self._wake.set()
+        if len(self.buffer) >= self.high_water:
+            self._room.clear()
+            await self._room.wait()
+
+    def release(self) -> None:
+        if not self._room.is_set() and len(self.buffer) <= self.high_water // 2:
+            self._room.set()
+
+    async def wait(self, stall_s: float | None) -> None:
+        while not self.buffer:
+            self._wake.clear()
+            if stall_s is None:
+                await self._wake.wait()
+                continue
+            with anyio.move_on_after(stall_s) as scope:
+                await self._wake.wait()
+            if scope.cancelled_caught:
+                raise EventLogError(f"event log read stalled: no message for {stall_s}s")
+
+
+# --- the event log -------------------------------------------------------------------
+
+
+class JetStreamEventLog:
+    """`EventLog` on the GW_EVENTS stream."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        *,
+        replicas: int = 1,
+        duplicate_window_s: float = 300.0,
+        timeout_s: float = 5.0,
+        heartbeat_s: float = 2.0,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=timeout_s)
+        self.replicas = replicas
+        self.duplicate_window_s = duplicate_window_s
+        self.timeout_s = timeout_s
+        self.heartbeat_s = heartbeat_s
+        self._acks = _PubAcks(nc)
+
+    async def ensure_streams(self) -> None:
+        for config in (
+            events_stream_config(self.replicas, self.duplicate_window_s),
+            commands_stream_config(self.replicas, self.duplicate_window_s),
+        ):
+            await self._ensure(config)
+
+    async def _ensure(self, config: api.StreamConfig) -> None:
+        assert config.name is not None
+        try:
+            try:
+                info = await self.js.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                try:
+                    await self.js.add_stream(config)
+                    return
+                except nats.js.errors.BadRequestError:
+                    info = await self.js.stream_info(config.name)  # lost a creation race
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventLogError(f"cannot create stream {config.name}: {exc}") from exc
+        check_compatible(config, info.config)
+
+    # --- appends ---------------------------------------------------------------------
+
+    async def append(
+        self,
+        subject: str,
+        events: Sequence[Event],
+        expected_last_subject_seq: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[int]:
+        """Append to one subject: one event is a publish; several with an expectation are
+        an atomic batch, so a stale expectation stores none of them; several without one
+        are pipelined."""
+        if not events:
+            return []
+        if expected_last_subject_seq is not None and len(events) > 1:
+            return await self._append_guarded(subject, events, expected_last_subject_seq, headers)
+        return await self._append_pipelined(subject, events, expected_last_subject_seq, headers)
+
+    async def _append_guarded(
+        self,
+        subject: str,
+        events: Sequence[Event],
+        expected: int,
+        headers: Mapping[str, str] | None,
+    ) -> list[int]:
+        seqs: list[int] = []
+        for start in range(0, len(events), MAX_BATCH):
+            chunk = events[start : start + MAX_BATCH]
+            seqs += await self._commit_batch(
+                [subject] * len(chunk), chunk, {subject: expected}, headers
+            )
+            expected = seqs[-1]
+        return seqs
+
+    async def _append_pipelined(
+        self,
+        subject: str,
+        events: Sequence[Event],
+        expected: int | None,
+        headers: Mapping[str, str] | None,
+    ) -> list[int]:
+        base = dict(headers or {})
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        try:
+            with anyio.fail_after(self.timeout_s + len(events) / 1000):
+                for index, event in enumerate(events):
+                    hdr = {**base, MSG_ID: event.id}
+                    if index == 0 and expected is not None:
+                        hdr[EXPECTED_LAST_SUBJECT_SEQ] = str(expected)
+                    futures.append(await self._acks.publish(subject, encode(event), hdr))
+                answers = [await future for future in futures]
+        except TimeoutError:
+            raise EventLogError(
+                f"append to {subject} timed out; retrying it is safe (ids de-duplicate)"
+            ) from None
+        except nats.errors.Error as exc:
+            raise EventLogError(f"append to {subject} failed: {exc}") from exc
+        finally:
+            self._acks.forget(futures)
+        seqs = []
+        for answer in answers:
+            error = answer.get("error")
+            if error is None:
+                seqs.append(int(answer["seq"]))
+                continue
+            if error.get("err_code") in WRONG_LAST_SEQUENCE and expected is not None:
+                # The server checks the expectation before de-duplicating, so a retry of
+                # an append that was stored looks stale: recognise it by its ids.
+                stored = await self._stored_after(subject, expected, events)
+                if stored is not None:
+                    return stored
+            raise await self._append_error(
+                subject, expected, error.get("err_code"), error.get("description")
+            )
+        return seqs
+
+    async def _stored_after(
+        self, subject: str, after: int, events: Sequence[Event]
+    ) -> list[int] | None:
+        """The sequences of `events` if they are the subject's next messages after `after`."""
+        seqs: list[int] = []
+        for event in events:
+            found = await self._get_msg({"seq": after + 1, "next_by_subj": subject})
+            if found is None or found.headers.get(MSG_ID) != event.id:
+                return None
+            after = found.seq
+            seqs.append(after)
+        return seqs
+
+    async def _append_error(
+        self, subject: str, expected: int | None, err_code: int | None, description: str | None
+    ) -> Exception:
+        if err_code in WRONG_LAST_SEQUENCE:
+            match = _WRONG_SEQ_TEXT.search(description or "")
+            actual = int(match.group(1)) if match else await self.last_seq(subject)
+            return ConcurrencyError(subject, expected, actual)
+        return EventLogError(f"append to {subject} refused: {description} (error {err_code})")
+
+    async def append_batch(
+        self,
+        events: Sequence[Event],
+        expected: Mapping[str, int],
+        headers: Mapping[str, str] | None = None,
+    ) -> list[int]:
+        if not events:
+            return []
+        if len(events) > MAX_BATCH:
+            raise EventLogError(f"an atomic batch holds at most {MAX_BATCH} events")
+        subjects = [subject_of(event) for event in events]
+        return await self._commit_batch(subjects, events, expected, headers)
+
+    async def _commit_batch(
+        self,
+        subjects: Sequence[str],
+        events: Sequence[Event],
+        expected: Mapping[str, int],
+        headers: Mapping[str, str] | None,
+    ) -> list[int]:
+        """One JetStream atomic batch: stored whole at the commit, or not at all."""
+        batch_id = new_id()
+        base = dict(headers or {})
+        guarded: set[str] = set()
+        last = len(events)
+        try:
+            for number, (subject, event) in enumerate(zip(subjects, events, strict=True), 1):
+                hdr = {**base, MSG_ID: event.id, BATCH_ID: batch_id, BATCH_SEQ: str(number)}
+                if subject in expected and subject not in guarded:
+                    hdr[EXPECTED_LAST_SUBJECT_SEQ] = str(expected[subject])
+                    guarded.add(subject)
+                if number < last:
+                    await self.nc.publish(subject, encode(event), headers=hdr)
+                    continue
+                hdr[BATCH_COMMIT] = "1"
+                reply = await self.nc.request(
+                    subject, encode(event), headers=hdr, timeout=self.timeout_s
+                )
+        except nats.errors.TimeoutError:
+            raise EventLogError(
+                "atomic batch commit timed out; retrying it is safe (ids de-duplicate)"
+            ) from None
+        except nats.errors.Error as exc:
+            raise EventLogError(f"atomic batch failed: {exc}") from exc
+        answer = json.loads(reply.data or b"{}")
+        error = answer.get("error")
+        if error is None:
+            seq = int(answer["seq"])
+            return list(range(seq - last + 1, seq + 1))
+        if error.get("err_code") == BATCH_DUPLICATE:
+            return await self._stored_batch(subjects, events, expected)
+        if error.get("err_code") in WRONG_LAST_SEQUENCE:
+            raise await self._stale_batch(expected)
+        raise EventLogError(
+            f"atomic batch refused: {error.get('description')} (error {error.get('err_code')})"
+        )
+
+    async def _stale_batch(self, expected: Mapping[str, int]) -> ConcurrencyError:
+        """Name the subject whose expectation was stale (the server's error does not)."""
+        for subject, want in expected.items():
+            actual = await self.last_seq(subject)
+            if actual != want:
+                return ConcurrencyError(subject, want, actual)
+        subject, want = next(iter(expected.items()))
+        return ConcurrencyError(subject, want, None)
+
+    async def _stored_batch(
+        self, subjects: Sequence[str], events: Sequence[Event], expected: Mapping[str, int]
+    ) -> list[int]:
+        """The sequences of a batch the server says it already holds (a retried commit).
+
+        A stored batch occupies consecutive sequences; find one of its messages, then
+        check every id. Anything else means only some ids were stored before: refuse.
+        """
+        anchor = next((i for i, s in enumerate(subjects) if s in expected), None)
+        if anchor is not None:
+            subject = subjects[anchor]
+            found = await self._get_msg({"seq": expected[subject] + 1, "next_by_subj": subject})
+        else:
+            anchor = len(events) - 1
+            found = await self._get_msg({"last_by_subj": subjects[anchor]})
+        if found is not None and found.headers.get(MSG_ID) == events[anchor].id:
+            start = found.seq - anchor
+            seqs = list(range(start, start + len(events)))
+            if await self._ids_at(seqs, events):
+                return seqs
+        raise EventLogError(
+            "atomic batch refused as a duplicate, but it is not stored whole: "
+            "some of its event ids were appended before in another write"
+        )
+
+    async def _ids_at(self, seqs: Sequence[int], events: Sequence[Event]) -> bool:
+        for seq, event in zip(seqs, events, strict=True):
+            found = await self._get_msg({"seq": seq})
+            if found is None or found.headers.get(MSG_ID) != event.id:
+                return False
+        return True
+
+    # --- positions -------------------------------------------------------------------
+
+    async def last_seq(self, subject: str | None = None) -> int:
+        if subject is None:
+            try:
+                info = await self.js.stream_info(EVENTS_STREAM)
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise EventLogError(f"cannot read {EVENTS_STREAM} info: {exc}") from exc
+            return int(info.state.last_seq)
+        found = await self._get_msg({"last_by_subj": subject})
+        return found.seq if found is not None else 0
+
+    async def _get_msg(self, request: Mapping[str, Any]) -> _RawMsg | None:
+        """A stored message from the stream leader (consistent, unlike a direct get)."""
+        try:
+            reply = await self.nc.request(
+                f"$JS.API.STREAM.MSG.GET.{EVENTS_STREAM}",
+                json.dumps(request).encode(),
+                timeout=self.timeout_s,
+            )
+        except nats.errors.Error as exc:
+            raise EventLogError(f"cannot read from {EVENTS_STREAM}: {exc}") from exc
+        answer = json.loads(reply.data or b"{}")
+        error = answer.get("error")
+        if error is not None:
+            if error.get("err_code") == NO_MESSAGE_FOUND or error.get("code") == 404:
+                return None
+            raise EventLogError(f"cannot read from {EVENTS_STREAM}: {error.get('description')}")
+        return _RawMsg(answer["message"])
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def read(
+        self, from_seq: int = 1, until_seq: int | None = None, subject: str | None = None
+    ) -> AsyncIterator[StoredEvent]:
+        end = await self.last_seq(subject)
+        if until_seq is not None:
+            end = min(end, until_seq)
+        if end < max(from_seq, 1):
+            return
+        async for stored in self._ordered(from_seq, subject, self.timeout_s + self.heartbeat_s):
+            if stored.seq > end:
+                return
+            yield stored
+            if stored.seq >= end:
+                return
+
+    def subscribe(
+        self, from_seq: int = 1, subject: str | None = None
+    ) -> AsyncIterator[StoredEvent]:
+        return self._ordered(from_seq, subject, None)
+
+    async def _ordered(
+        self, from_seq: int, subject: str | None, stall_s: float | None
+    ) -> AsyncIterator[StoredEvent]:
+        """An ordered push consumer: the fastest replay, and it resets itself from the last
+        delivered sequence after a gap or a server restart (missed heartbeats)."""
+        feed = _Feed()
+        try:
+            sub = await self.js.subscribe(
+                subject or EVENT_SUBJECTS,
+                stream=EVENTS_STREAM,
+                cb=feed.put,
+                ordered_consumer=True,
+                idle_heartbeat=self.heartbeat_s,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                config=api.ConsumerConfig(opt_start_seq=max(from_seq, 1)),
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventLogError(f"cannot read {EVENTS_STREAM}: {exc}") from exc
+        buffer = feed.buffer
+        try:
+            while True:
+                await feed.wait(stall_s)
+                while buffer:
+                    msg = buffer.popleft()
+                    feed.release()
+                    yield stored_event(_stream_seq(msg.reply), msg.subject, msg.data, msg.headers)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _unsubscribe(sub)
+
+
+async def _unsubscribe(sub: Any) -> None:
+    try:
+        with anyio.fail_after(2):
+            await sub.unsubscribe()
+    except Exception as exc:  # the connection may be gone; the consumer expires anyway
+        log.debug("unsubscribe failed: %s", exc)
+
+
+# --- the command bus -----------------------------------------------------------------
+
+
+class JetStreamReceivedCommand:
+    """A command with its delivery, to be acked once done (or nak'ed to retry)."""
+
+    def __init__(self, command: Command, msg: Msg) -> None:
+        self.command = command
+        self.msg = msg
+
+    @property
+    def deliveries(self) -> int:
+        return int(self.msg.metadata.num_delivered or 1)
+
+    async def ack(self) -> None:
+        """Acknowledge and wait for the server to confirm, so a done command is never rerun."""
+        try:
+            await self.msg.ack_sync(timeout=5)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventLogError(f"ack of command {self.command.id} not confirmed: {exc}") from exc
+
+    async def nak(self, delay_s: float | None = None) -> None:
+        await self.msg.nak(delay=delay_s)
+
+
+class JetStreamCommandBus:
+    """`CommandBus` on the GW_CMDS work queue: one durable pull consumer per node."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        *,
+        ack_wait_s: float = 30.0,
+        timeout_s: float = 5.0,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=timeout_s)
+        self.ack_wait_s = ack_wait_s
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+
+    async def send(self, command: Command) -> None:
+        subject = command_subject(command.node)
+        try:
+            await self.js.publish(
+                subject,
+                encode_command(command),
+                headers={MSG_ID: command.id},
+                timeout=self.timeout_s,
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventLogError(f"cannot send command {command.id} to {subject}: {exc}") from exc
+
+    async def receive(self, node: str) -> AsyncIterator[JetStreamReceivedCommand]:
+        subject = command_subject(node)
+        durable = f"gw-agent-{subject_token(node)}"
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait_s,
+            max_deliver=-1,
+            filter_subject=subject,
+        )
+        try:
+            psub = await self.js.pull_subscribe(
+                subject, durable=durable, stream=COMMANDS_STREAM, config=config
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventLogError(f"cannot consume {subject}: {exc}") from exc
+        try:
+            while True:
+                for msg in await self._fetch(psub):
+                    received = await self._decode(msg)
+                    if received is not None:
+                        yield received
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _unsubscribe(psub)
+
+    async def _fetch(self, psub: Any) -> list[Msg]:
+        try:
+            msgs: list[Msg] = await psub.fetch(batch=16, timeout=self.poll_s)
+            return msgs
+        except (nats.errors.TimeoutError, TimeoutError):
+            return []
+        except nats.errors.ConnectionReconnectingError:
+            await anyio.sleep(self.poll_s)
+            return []
+
+    async def _decode(self, msg: Msg) -> JetStreamReceivedCommand | None:
+        try:
+            return JetStreamReceivedCommand(decode_command(msg.data), msg)
+        except EventDecodeError as exc:
+            log.error("dropping malformed command on %s: %s", msg.subject, exc)
+            await msg.term()
+            return None
