@@ -71,6 +71,7 @@ CREATE INDEX IF NOT EXISTS events_gpu ON events (gpu) WHERE gpu IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_node ON events (node) WHERE node IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_type ON events (type);
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE INDEX IF NOT EXISTS events_id ON events (id) WHERE id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, name TEXT, owner TEXT, image TEXT, state TEXT NOT NULL,
     attempts INTEGER NOT NULL, current_attempt INTEGER, node TEXT, gpus TEXT NOT NULL,
