@@ -1,0 +1,371 @@
+"""What a drill's event log shows, and whether the drill's expectations hold.
+
+Pure functions over catalog events, independent of the engine that wrote them: the
+verdict on a drill must come from the log alone, the same log `--export` writes and an
+auditor replays, never from the engine's private state.
+
+Task state, as folded from the log in order (SCENARIOS.md `state`):
+
+- `pending` from `task.submitted` until its first `task.scheduled`, and again whenever
+  `task.pending` is the latest lifecycle event (a rebuilt attempt that cannot be placed);
+- `running` from a `task.scheduled` on. A task whose rebuild is decided and waiting out
+  its backoff is still `running`: it has been placed and is not finished, and only a
+  `task.pending` (no room for the new attempt) makes it pending again;
+- `completed`, `failed`, `cancelled` from `task.completed`, `task.failed`,
+  `task.cancelled`; terminal, later events (a stale container's exit) leave it as is.
+
+`attempts` counts the distinct attempts that were placed (`task.scheduled`), `faults`
+lists `fault.classified` faults in log order without `completed`, `rebuilds` and
+`counted_rebuilds` count `rebuild.decided` events (all, and those with `counted`).
+A GPU is quarantined after `gpu.quarantined` until a later `gpu.restored`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from gpuwarden.adapters.scenario_file import (
+    GpuExpectation,
+    Scenario,
+    TaskExpectation,
+)
+from gpuwarden.engine import events as ev
+
+TERMINAL_STATES = ("completed", "failed", "cancelled")
+
+
+class Placement(msgspec.Struct, frozen=True, kw_only=True):
+    attempt: int
+    node: str
+    gpu_uuids: tuple[str, ...]
+
+
+class TaskObservation(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+    state: str
+    attempts: int
+    faults: tuple[str, ...]
+    reason: str | None
+    rebuilds: int
+    counted_rebuilds: int
+    placements: tuple[Placement, ...]  # one per placed attempt, by attempt number
+
+    def placement(self, attempt: int) -> Placement | None:
+        for placement in self.placements:
+            if placement.attempt == attempt:
+                return placement
+        return None
+
+    @property
+    def last_placement(self) -> Placement | None:
+        return self.placements[-1] if self.placements else None
+
+
+class GpuObservation(msgspec.Struct, frozen=True, kw_only=True):
+    uuid: str
+    node: str | None
+    quarantined: bool
+    task_id: str | None  # the task holding it now, if any
+
+
+class NodeObservation(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    lost: bool
+
+
+class Observed(msgspec.Struct, frozen=True, kw_only=True):
+    """The final state of every task, GPU and node seen in the log (JSON-able)."""
+
+    tasks: dict[str, TaskObservation]
+    gpus: dict[str, GpuObservation]
+    nodes: dict[str, NodeObservation]
+
+
+class ExpectationResult(msgspec.Struct, frozen=True, kw_only=True):
+    index: int  # the expectation's place in the file: expect[index]
+    subject: str  # "task t1" or "gpu node-a/0"
+    key: str
+    passed: bool
+    expected: Any
+    seen: Any
+    message: str
+
+
+# --- observe -------------------------------------------------------------------------
+
+
+@dataclass
+class _Task:
+    task_id: str
+    state: str = "pending"
+    faults: list[str] = field(default_factory=list)
+    reason: str | None = None
+    rebuilds: int = 0
+    counted_rebuilds: int = 0
+    placements: dict[int, Placement] = field(default_factory=dict)
+
+    def move(self, state: str) -> None:
+        if self.state not in TERMINAL_STATES:
+            self.state = state
+
+    def freeze(self) -> TaskObservation:
+        return TaskObservation(
+            task_id=self.task_id,
+            state=self.state,
+            attempts=len(self.placements),
+            faults=tuple(self.faults),
+            reason=self.reason,
+            rebuilds=self.rebuilds,
+            counted_rebuilds=self.counted_rebuilds,
+            placements=tuple(self.placements[a] for a in sorted(self.placements)),
+        )
+
+
+@dataclass
+class _Gpu:
+    uuid: str
+    node: str | None = None
+    quarantined: bool = False
+    task_id: str | None = None
+
+
+@dataclass
+class _Fold:
+    tasks: dict[str, _Task] = field(default_factory=dict)
+    gpus: dict[str, _Gpu] = field(default_factory=dict)
+    nodes: dict[str, bool] = field(default_factory=dict)
+
+    def task(self, task_id: str) -> _Task:
+        return self.tasks.setdefault(task_id, _Task(task_id))
+
+    def gpu(self, uuid: str, node: str | None) -> _Gpu:
+        gpu = self.gpus.setdefault(uuid, _Gpu(uuid))
+        gpu.node = gpu.node or node
+        return gpu
+
+    def apply(self, event: ev.Event) -> None:
+        match event:
+            case ev.NodeRegistered():
+                self.nodes.setdefault(event.node, False)
+                for info in event.gpus:
+                    self.gpu(info.uuid, event.node)
+            case ev.NodeLost() | ev.NodeRecovered():
+                self.nodes[event.node] = isinstance(event, ev.NodeLost)
+            case ev.GpuFault():
+                self.gpu(event.gpu_uuid, event.node)
+            case ev.GpuQuarantined() | ev.GpuRestored():
+                gpu = self.gpu(event.gpu_uuid, event.node)
+                gpu.quarantined = isinstance(event, ev.GpuQuarantined)
+            case ev.GpuAllocated():
+                self.gpu(event.gpu_uuid, event.node).task_id = event.task_id
+            case ev.GpuReleased():
+                gpu = self.gpu(event.gpu_uuid, event.node)
+                if gpu.task_id == event.task_id:
+                    gpu.task_id = None
+            case _:
+                self.apply_task(event)
+
+    def apply_task(self, event: ev.Event) -> None:
+        match event:
+            case ev.TaskSubmitted():
+                self.task(event.task_id)
+            case ev.TaskPending():
+                self.task(event.task_id).move("pending")
+            case ev.TaskScheduled():
+                task = self.task(event.task_id)
+                task.move("running")
+                task.placements[event.attempt] = Placement(
+                    attempt=event.attempt, node=event.node, gpu_uuids=event.gpu_uuids
+                )
+            case ev.FaultClassified():
+                if event.fault != "completed":
+                    self.task(event.task_id).faults.append(event.fault)
+            case ev.RebuildDecided():
+                task = self.task(event.task_id)
+                task.rebuilds += 1
+                task.counted_rebuilds += int(event.counted)
+            case ev.TaskCompleted():
+                self.task(event.task_id).move("completed")
+            case ev.TaskFailed():
+                task = self.task(event.task_id)
+                if task.state not in TERMINAL_STATES:
+                    task.reason = event.reason
+                task.move("failed")
+            case ev.TaskCancelled():
+                self.task(event.task_id).move("cancelled")
+            case _:
+                pass  # container.* events are evidence, not state
+
+
+def observe(events: Iterable[ev.Event]) -> Observed:
+    """Fold a drill's event log (in log order) into what its expectations talk about."""
+    fold = _Fold()
+    for event in events:
+        fold.apply(event)
+    return Observed(
+        tasks={task_id: task.freeze() for task_id, task in fold.tasks.items()},
+        gpus={
+            uuid: GpuObservation(
+                uuid=uuid, node=gpu.node, quarantined=gpu.quarantined, task_id=gpu.task_id
+            )
+            for uuid, gpu in fold.gpus.items()
+        },
+        nodes={name: NodeObservation(name=name, lost=lost) for name, lost in fold.nodes.items()},
+    )
+
+
+# --- check ---------------------------------------------------------------------------
+
+
+def check(
+    scenario: Scenario,
+    observed: Observed,
+    gpu_name_to_uuid: Mapping[str, str] | None = None,
+) -> list[ExpectationResult]:
+    """One result per expectation key, in file order.
+
+    `gpu_name_to_uuid` maps scenario GPU names (`node-a/0`) to the uuids in the log;
+    a name it does not map is its own uuid (as in the simulated cluster).
+    """
+    names = _Names(gpu_name_to_uuid or {})
+    results: list[ExpectationResult] = []
+    for expectation in scenario.expectations:
+        if isinstance(expectation, TaskExpectation):
+            task = observed.tasks.get(expectation.task)
+            results.extend(_check_task(expectation, task, names))
+        else:
+            results.append(_check_gpu(expectation, observed, names))
+    return results
+
+
+def all_passed(results: Iterable[ExpectationResult]) -> bool:
+    return all(result.passed for result in results)
+
+
+class _Names:
+    def __init__(self, name_to_uuid: Mapping[str, str]) -> None:
+        self.to_uuid = dict(name_to_uuid)
+        self.to_name = {uuid: name for name, uuid in name_to_uuid.items()}
+
+    def uuid(self, name: str) -> str:
+        return self.to_uuid.get(name, name)
+
+    def names(self, uuids: Iterable[str]) -> list[str]:
+        return [self.to_name.get(uuid, uuid) for uuid in uuids]
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(str(item) for item in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _result(
+    expectation: TaskExpectation | GpuExpectation,
+    subject: str,
+    key: str,
+    expected: Any,
+    seen: Any,
+    passed: bool,
+    detail: str | None = None,
+) -> ExpectationResult:
+    shown = detail if detail is not None else f"{key} {_show(expected)}"
+    message = (
+        f"{subject}: {shown}" if passed else f"{subject}: expected {shown}, saw {_seen_text(seen)}"
+    )
+    return ExpectationResult(
+        index=expectation.index,
+        subject=subject,
+        key=key,
+        passed=passed,
+        expected=expected,
+        seen=seen,
+        message=message,
+    )
+
+
+def _seen_text(seen: Any) -> str:
+    if isinstance(seen, dict) and "summary" in seen:
+        return str(seen["summary"])
+    return _show(seen)
+
+
+_SIMPLE_TASK_KEYS = ("state", "attempts", "faults", "reason", "rebuilds", "counted_rebuilds")
+
+
+def _check_task(
+    expectation: TaskExpectation, task: TaskObservation | None, names: _Names
+) -> list[ExpectationResult]:
+    subject = f"task {expectation.task}"
+    results: list[ExpectationResult] = []
+    for key in _SIMPLE_TASK_KEYS:
+        expected = getattr(expectation, key)
+        if expected is None:
+            continue
+        if key == "faults":
+            expected = list(expected)
+        if task is None:
+            results.append(_result(expectation, subject, key, expected, None, False))
+            continue
+        seen = getattr(task, key)
+        seen = list(seen) if isinstance(seen, tuple) else seen
+        results.append(_result(expectation, subject, key, expected, seen, seen == expected))
+    if expectation.not_on_gpus_of_attempt is not None:
+        results.append(_not_on(expectation, task, names, "gpus"))
+    if expectation.not_on_node_of_attempt is not None:
+        results.append(_not_on(expectation, task, names, "node"))
+    return results
+
+
+def _not_on(
+    expectation: TaskExpectation, task: TaskObservation | None, names: _Names, what: str
+) -> ExpectationResult:
+    """The last placed attempt shares no GPU (or not the node) with attempt k."""
+    key = f"not_on_{what}_of_attempt"
+    k: int = getattr(expectation, key)
+    subject = f"task {expectation.task}"
+    earlier = task.placement(k) if task else None
+    last = task.last_placement if task else None
+    if earlier is None or last is None:
+        missing = {"summary": f"attempt {k} was never placed"}
+        return _result(expectation, subject, key, k, missing, False, _not_on_text(what, k, None))
+    if what == "gpus":
+        shared = sorted(set(last.gpu_uuids) & set(earlier.gpu_uuids))
+        passed = last.attempt != k and not shared
+        where_last, where_k = names.names(last.gpu_uuids), names.names(earlier.gpu_uuids)
+    else:
+        passed = last.attempt != k and last.node != earlier.node
+        where_last, where_k = [last.node], [earlier.node]
+    seen: dict[str, Any] = {
+        "summary": f"attempt {last.attempt} on {_show(where_last)}",
+        "last_attempt": last.attempt,
+        what: where_last,
+        f"attempt_{k}_{what}": where_k,
+    }
+    return _result(expectation, subject, key, k, seen, passed, _not_on_text(what, k, where_k))
+
+
+def _not_on_text(what: str, k: int, where_k: list[str] | None) -> str:
+    place = "any GPU" if what == "gpus" else "the node"
+    suffix = f" ({_show(where_k)})" if where_k else ""
+    return f"last attempt not on {place} of attempt {k}{suffix}"
+
+
+def _check_gpu(expectation: GpuExpectation, observed: Observed, names: _Names) -> ExpectationResult:
+    gpu = observed.gpus.get(names.uuid(expectation.gpu))
+    seen = gpu.quarantined if gpu is not None else False  # never seen: never quarantined
+    return _result(
+        expectation,
+        f"gpu {expectation.gpu}",
+        "quarantined",
+        expectation.quarantined,
+        seen,
+        seen == expectation.quarantined,
+    )
