@@ -11,7 +11,9 @@ Xid logged just after the process died still counts.
 Precedence, first match wins (the `rule` names are stable; they go into the log):
 
 1. start failure: `image_error` (`start_image`) when the runtime's message names a
-   missing image or executable, else `runtime_error` (`start_runtime`).
+   missing image or executable (`IMAGE_ERROR_MARKERS`, or runc's `exec: ...` failing
+   with "no such file or directory" / "permission denied"), else `runtime_error`
+   (`start_runtime`).
 2. exit 0: `completed` (`exit_zero`); nothing else is consulted.
 3. a hardware-class GPU fault (ECC double-bit error, fallen off the bus, a recovery
    action asking for a reset or reboot, an Xid of `xid_hardware` / `xid_node`) on the
@@ -23,7 +25,8 @@ Precedence, first match wins (the `rule` names are stable; they go into the log)
 5. the OOM flag: `container_oom` (`oom_flag`).
 6. an application-class Xid within the window: `gpu_app_error` (`xid_app`).
 7. a runtime error string on the exit: `image_error` (`exit_error_image`) when it names
-   a missing image or executable, else `runtime_error` (`exit_runtime_error`).
+   a missing image or executable (same test as 1), else `runtime_error`
+   (`exit_runtime_error`).
 8. death by signal (the `signal` field, or exit code 128+N): SIGKILL/SIGTERM that
    gpuwarden asked for is `user_error` (`stop_requested`: a stop we sent is no
    infrastructure fault and must not be rebuilt); otherwise `preempted`
@@ -48,23 +51,24 @@ from typing import Final
 from gpuwarden.engine.events import ContainerExited, ContainerStartFailed, GpuFault, NodeLost
 
 # Fragments of the Docker daemon's / runc's error texts that mean the image or the
-# command itself is wrong, so a rebuild on other hardware cannot help. Seen with
-# Docker 2x / runc: 'No such image: x:latest' (create without pull), 'exec: "/nope":
-# stat /nope: no such file or directory', 'exec: "nope": executable file not found in
-# $PATH', 'exec: "/etc": permission denied', and from registries 'pull access
-# denied', 'manifest unknown', 'repository does not exist'.
+# command itself is wrong, so a rebuild on other hardware cannot help. Seen with the
+# Docker daemon: 'No such image: x:latest' (create without pull), 'exec: "/nope": stat
+# /nope: no such file or directory', 'exec: "nope": executable file not found in
+# $PATH', 'exec: "/etc": permission denied'; from registries 'pull access denied',
+# 'manifest unknown', 'repository does not exist'. A bare "not found" or "no such file
+# or directory" is NOT enough: the daemon says 'error gathering device information while
+# adding custom device "/dev/nvidia3": no such file or directory' when a GPU's device
+# node vanished, and 'network x not found' -- faults of the node, which a rebuild cures.
 IMAGE_ERROR_MARKERS: Final[tuple[str, ...]] = (
     "no such image",
     "executable file not found",
-    "no such file or directory",
-    "not found",
     "pull access denied",
     "manifest unknown",
     "repository does not exist",
     "invalid reference format",
     "exec format error",
 )
-_EXEC_DENIED: Final = ("exec:", "permission denied")
+_EXEC_FAILURES: Final = ("no such file or directory", "permission denied")  # after 'exec:'
 
 _SIGKILL: Final = 9
 _SIGTERM: Final = 15
@@ -138,7 +142,7 @@ def is_image_error(message: str) -> bool:
     text = message.lower()
     if any(marker in text for marker in IMAGE_ERROR_MARKERS):
         return True
-    return all(part in text for part in _EXEC_DENIED)
+    return "exec:" in text and any(failure in text for failure in _EXEC_FAILURES)
 
 
 def recovery_action_class(detail: str) -> str | None:

@@ -129,6 +129,12 @@ DOCKER_REGISTRY_DOWN = (
     "10.255.255.53:53: no such host"
 )
 
+DOCKER_DEVICE_GONE = (
+    'error gathering device information while adding custom device "/dev/nvidia3": no such '
+    "file or directory"
+)
+DOCKER_NO_NETWORK = "network gw-net not found"
+
 
 @pytest.mark.parametrize(
     ("message", "fault", "rule"),
@@ -140,6 +146,8 @@ DOCKER_REGISTRY_DOWN = (
         (DOCKER_PULL_DENIED, "image_error", "start_image"),
         ("manifest for img:9 not found: manifest unknown", "image_error", "start_image"),
         (DOCKER_REGISTRY_DOWN, "runtime_error", "start_runtime"),
+        (DOCKER_DEVICE_GONE, "runtime_error", "start_runtime"),
+        (DOCKER_NO_NETWORK, "runtime_error", "start_runtime"),
         (
             "error gathering device information while adding custom device",
             "runtime_error",
@@ -493,6 +501,22 @@ def test_recovery_action_names() -> None:
     assert recovery_action_class(" GPU_RECOVERY_ACTION_NODE_REBOOT ") == "gpu_node"
     assert recovery_action_class("drain_p2p") == "gpu_hardware"
     assert recovery_action_class("") is None
+
+
+@pytest.mark.parametrize(
+    ("message", "fault"),
+    [
+        (DOCKER_NOT_IN_PATH, "image_error"),
+        (DOCKER_NO_SUCH_FILE, "image_error"),
+        (DOCKER_NOT_EXECUTABLE, "image_error"),
+        ("nvidia-container-cli: device error: GPU-a0: not found", "runtime_error"),
+        (DOCKER_DEVICE_GONE, "runtime_error"),
+    ],
+)
+def test_an_exit_error_is_an_image_error_only_when_it_names_the_image_or_command(
+    message: str, fault: str
+) -> None:
+    assert classify(evidence(exited(1, error=message))).fault == fault
 
 
 def test_is_image_error_is_case_insensitive() -> None:
