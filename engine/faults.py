@@ -61,7 +61,9 @@ from gpuwarden.engine.events import ContainerExited, ContainerStartFailed, GpuFa
 # node vanished, and 'network x not found' -- faults of the node, which a rebuild cures.
 IMAGE_ERROR_MARKERS: Final[tuple[str, ...]] = (
     "no such image",
+    "image not found",
     "executable file not found",
+    "command not found",
     "pull access denied",
     "manifest unknown",
     "repository does not exist",

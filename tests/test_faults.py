@@ -145,6 +145,7 @@ DOCKER_NO_NETWORK = "network gw-net not found"
         (DOCKER_NO_IMAGE, "image_error", "start_image"),
         (DOCKER_PULL_DENIED, "image_error", "start_image"),
         ("manifest for img:9 not found: manifest unknown", "image_error", "start_image"),
+        ("image not found: train:9", "image_error", "start_image"),
         (DOCKER_REGISTRY_DOWN, "runtime_error", "start_runtime"),
         (DOCKER_DEVICE_GONE, "runtime_error", "start_runtime"),
         (DOCKER_NO_NETWORK, "runtime_error", "start_runtime"),
