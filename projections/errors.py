@@ -19,3 +19,7 @@ class TaskNotFoundError(GpuwardenError):
 
 class ExportFormatError(GpuwardenError):
     """A line of an exported JSONL file is malformed; the message names the line."""
+
+
+class TimelineError(GpuwardenError):
+    """A timeline was asked for nothing (neither or both of task and GPU) or has no events."""
