@@ -418,6 +418,10 @@ def test_exit_before_node_lost_is_classified_by_the_exit() -> None:
     assert (got.fault, got.evidence, got.exclude_nodes) == ("user_error", ("exit",), ())
 
 
+def test_an_exit_at_the_instant_of_the_loss_counts_as_after_it() -> None:
+    assert classify(evidence(exited(1, t=3.0), node_lost=lost(t=3.0))).fault == "node_lost"
+
+
 def test_loss_of_another_node_is_not_evidence() -> None:
     assert classify(evidence(exited(1), node_lost=lost(node="node-z"))).fault == "user_error"
     assert classify(evidence(node_lost=lost(node="node-z"))).fault == "unknown"
@@ -496,6 +500,12 @@ def test_a_custom_table_reclassifies_an_xid() -> None:
     table = FaultTable(xid_app=frozenset({13, 31, 43, 48}), xid_hardware=frozenset({64}))
     assert gpu_fault_class(xid(48), table) == "gpu_app_error"
     assert classify(evidence(exited(1), xid(48)), table).fault == "gpu_app_error"
+
+
+def test_ignored_wins_when_a_table_lists_an_xid_twice() -> None:
+    table = FaultTable(xid_hardware=frozenset({45, 48}), xid_ignored=frozenset({45}))
+    assert gpu_fault_class(xid(45), table) is None
+    assert gpu_fault_class(xid(48), table) == "gpu_hardware"
 
 
 def test_recovery_action_names() -> None:
