@@ -165,9 +165,9 @@ def _gpu_rows(events: list[StoredEvent], uuid: str) -> tuple[list[Bar], list[Spa
                 open_bars[key] = bar
                 bars.append(bar)
             case ev.GpuReleased():
-                bar = open_bars.pop((e.task_id, e.attempt), None)
-                if bar is not None:
-                    bar.end = e.at
+                released = open_bars.pop((e.task_id, e.attempt), None)
+                if released is not None:
+                    released.end = e.at
             case ev.GpuFault():
                 faults.append((e.at, summary(e)))
             case ev.GpuQuarantined():
