@@ -156,8 +156,9 @@ def event_text(row: EventRow) -> str:
 
 
 async def run_events(
-    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO = sys.stdout
+    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO | None = None
 ) -> int:
+    out = out or sys.stdout
     store = await _fresh_store(path, log)
     try:
         rows = await q.events(
@@ -179,8 +180,9 @@ async def run_events(
 
 
 async def run_tasks(
-    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO = sys.stdout
+    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO | None = None
 ) -> int:
+    out = out or sys.stdout
     store = await _fresh_store(path, log)
     try:
         rows = await q.tasks(store)
@@ -209,8 +211,9 @@ async def run_tasks(
 
 
 async def run_gpus(
-    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO = sys.stdout
+    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO | None = None
 ) -> int:
+    out = out or sys.stdout
     store = await _fresh_store(path, log)
     try:
         rows = await q.gpus(store)
@@ -238,8 +241,9 @@ async def run_gpus(
 
 
 async def run_nodes(
-    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO = sys.stdout
+    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO | None = None
 ) -> int:
+    out = out or sys.stdout
     store = await _fresh_store(path, log)
     try:
         rows = await q.nodes(store)
@@ -254,8 +258,9 @@ async def run_nodes(
 
 
 async def run_explain(
-    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO = sys.stdout
+    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO | None = None
 ) -> int:
+    out = out or sys.stdout
     store = await _fresh_store(path, log)
     try:
         explanation = await explain(store, args.task_id)
@@ -266,8 +271,9 @@ async def run_explain(
 
 
 async def run_export(
-    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO = sys.stdout
+    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO | None = None
 ) -> int:
+    out = out or sys.stdout
     since = _time_arg(args.since)
     if args.output:
         # Buffered writes from a one-shot command: nothing else waits on this loop.
@@ -308,8 +314,9 @@ async def timeline_events(
 
 
 async def run_timeline(
-    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO = sys.stdout
+    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO | None = None
 ) -> int:
+    out = out or sys.stdout
     store = await _fresh_store(path, log)
     try:
         events = await timeline_events(store, args.task_id, args.gpu)
@@ -352,8 +359,9 @@ class ProgressBar:
 
 
 async def run_rebuild(
-    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO = sys.stdout
+    args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO | None = None
 ) -> int:
+    out = out or sys.stdout
     async with ProjectionStore(path) as store:
         last = await store.rebuild(log, progress=ProgressBar())
     out.write(f"rebuilt {path} up to sequence {last}\n")
