@@ -463,8 +463,9 @@ class DockerRuntime:
         and the observations' ids are stable, so a replayed one de-duplicates. `ready`
         is set once the daemon has the subscription: reconcile (list_managed) after
         that, and nothing falls between the list and the stream. Ends with
-        ContainerRuntimeError when the engine's stream breaks; closing the iterator
-        stops the reader thread.
+        ContainerRuntimeError when the engine's stream breaks. Close the iterator
+        (`contextlib.aclosing`) to stop the reader thread; a bare `break` leaves it
+        until the generator is garbage-collected.
         """
         filters = {
             "type": "container",

@@ -7,7 +7,9 @@ called; deaths show up on the watched event stream with ids that repeat on repla
 
 from __future__ import annotations
 
+import threading
 import uuid
+from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -280,11 +282,12 @@ async def _collect(
 ) -> dict[str, ContainerObservation]:
     seen: dict[str, ContainerObservation] = {}
     with anyio.fail_after(DEADLINE_S):
-        async for observation in runtime.watch(since=since):
-            if observation.container_id == container_id:
-                seen[observation.kind] = observation
-            if want <= set(seen):
-                break
+        async with aclosing(runtime.watch(since=since)) as observations:
+            async for observation in observations:
+                if observation.container_id == container_id:
+                    seen[observation.kind] = observation
+                if want <= set(seen):
+                    break
     return seen
 
 
@@ -298,10 +301,11 @@ async def test_watch_yields_start_and_die_with_ids_that_repeat_on_replay(
     subscribed = anyio.Event()
 
     async def watcher(scope: anyio.CancelScope) -> None:
-        async for observation in runtime.watch(ready=subscribed):
-            found[observation.kind] = observation
-            if "exited" in found:
-                scope.cancel()
+        async with aclosing(runtime.watch(ready=subscribed)) as observations:
+            async for observation in observations:
+                found[observation.kind] = observation
+                if "exited" in found:
+                    scope.cancel()
 
     with anyio.fail_after(DEADLINE_S):
         async with anyio.create_task_group() as tg:
@@ -316,6 +320,8 @@ async def test_watch_yields_start_and_die_with_ids_that_repeat_on_replay(
     event = observation_event(died)
     assert isinstance(event, ContainerExited) and event.exit_code == 5 and event.id == died.event_id
     replayed = await _collect(runtime, since, died.container_id, {"started", "exited"})
+    readers = [t for t in threading.enumerate() if t.name == f"docker-events-{runtime.node}"]
+    assert readers == [], "closing watch() must stop its reader thread"
     assert replayed["exited"].event_id == died.event_id
     started = observation_event(replayed["started"])
     assert isinstance(started, ContainerStarted) and started.container_id == died.container_id
