@@ -327,7 +327,10 @@ def _check_task(
 def _not_on(
     expectation: TaskExpectation, task: TaskObservation | None, names: _Names, what: str
 ) -> ExpectationResult:
-    """The last placed attempt shares no GPU (or not the node) with attempt k."""
+    """The last placed attempt shares no GPU (or not the node) with attempt k.
+
+    `seen` holds the last attempt's number and place, and attempt k's place.
+    """
     key = f"not_on_{what}_of_attempt"
     k: int = getattr(expectation, key)
     subject = f"task {expectation.task}"
@@ -336,25 +339,26 @@ def _not_on(
     if earlier is None or last is None:
         missing = {"summary": f"attempt {k} was never placed"}
         return _result(expectation, subject, key, k, missing, False, _not_on_text(what, k, None))
+    place_last: str | list[str]
+    place_k: str | list[str]
     if what == "gpus":
-        shared = sorted(set(last.gpu_uuids) & set(earlier.gpu_uuids))
-        passed = last.attempt != k and not shared
-        where_last, where_k = names.names(last.gpu_uuids), names.names(earlier.gpu_uuids)
+        passed = last.attempt != k and not set(last.gpu_uuids) & set(earlier.gpu_uuids)
+        place_last, place_k = names.names(last.gpu_uuids), names.names(earlier.gpu_uuids)
     else:
         passed = last.attempt != k and last.node != earlier.node
-        where_last, where_k = [last.node], [earlier.node]
+        place_last, place_k = last.node, earlier.node
     seen: dict[str, Any] = {
-        "summary": f"attempt {last.attempt} on {_show(where_last)}",
+        "summary": f"attempt {last.attempt} on {_show(place_last)}",
         "last_attempt": last.attempt,
-        what: where_last,
-        f"attempt_{k}_{what}": where_k,
+        what: place_last,
+        f"attempt_{k}_{what}": place_k,
     }
-    return _result(expectation, subject, key, k, seen, passed, _not_on_text(what, k, where_k))
+    return _result(expectation, subject, key, k, seen, passed, _not_on_text(what, k, place_k))
 
 
-def _not_on_text(what: str, k: int, where_k: list[str] | None) -> str:
+def _not_on_text(what: str, k: int, place_k: str | list[str] | None) -> str:
     place = "any GPU" if what == "gpus" else "the node"
-    suffix = f" ({_show(where_k)})" if where_k else ""
+    suffix = f" ({_show(place_k)})" if place_k else ""
     return f"last attempt not on {place} of attempt {k}{suffix}"
 
 
