@@ -32,6 +32,7 @@ from docker.types import DeviceRequest
 from gpuwarden.engine.commands import RunCommand
 from gpuwarden.engine.errors import ContainerRuntimeError, ContainerStartError
 from gpuwarden.engine.events import ContainerExited, ContainerStarted, make_id
+from requests.exceptions import RequestException
 
 TASK_LABEL: Final = "gpuwarden.task"
 ATTEMPT_LABEL: Final = "gpuwarden.attempt"
@@ -39,6 +40,8 @@ NODE_LABEL: Final = "gpuwarden.node"
 COMMAND_LABEL: Final = "gpuwarden.command"
 GPUS_LABEL: Final = "gpuwarden.gpus"
 
+# The SDK raises its own errors for answers, and requests' for a daemon it cannot reach.
+ENGINE_ERRORS: Final = (DockerException, RequestException)
 GpuMode = Literal["nvml", "declared"]
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
 _DOCKER_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
@@ -266,7 +269,10 @@ class DockerRuntime:
 
     def _run_blocking(self, cmd: RunCommand) -> str:
         with self._attempt_lock(cmd.task_id, cmd.attempt):
-            return self._run_locked(cmd)
+            try:
+                return self._run_locked(cmd)
+            except ENGINE_ERRORS as exc:  # the engine failed outside create/start
+                raise ContainerStartError(_start_message(cmd, exc)) from None
 
     def _attempt_lock(self, task_id: str, attempt: int) -> threading.Lock:
         """Runs of one attempt in this process go one at a time (striped: bounded memory)."""
@@ -284,7 +290,7 @@ class DockerRuntime:
                 if raced is not None:
                     return self._ensure_started(raced)
             raise ContainerStartError(_start_message(cmd, exc)) from None
-        except DockerException as exc:
+        except ENGINE_ERRORS as exc:
             raise ContainerStartError(_start_message(cmd, exc)) from None
         return self._start_or_discard(container, cmd)
 
@@ -327,11 +333,11 @@ class DockerRuntime:
         """Start it; a container that cannot start is removed, so a retry starts afresh."""
         try:
             container.start()
-        except DockerException as exc:
+        except ENGINE_ERRORS as exc:
             message = _start_message(cmd, exc)
             try:
                 container.remove(force=True)
-            except DockerException:
+            except ENGINE_ERRORS:
                 pass
             raise ContainerStartError(message) from None
         return str(container.id)
@@ -340,7 +346,7 @@ class DockerRuntime:
         if container.status == "created":  # created by a run() that died before start
             try:
                 container.start()
-            except DockerException as exc:
+            except ENGINE_ERRORS as exc:
                 raise ContainerStartError(_daemon_text(exc)) from None
         return str(container.id)
 
@@ -377,7 +383,7 @@ class DockerRuntime:
                 stopped.append(str(container.id))
             except NotFound:
                 pass
-            except DockerException as exc:
+            except ENGINE_ERRORS as exc:
                 raise ContainerRuntimeError(_daemon_text(exc)) from None
         return stopped
 
@@ -393,7 +399,7 @@ class DockerRuntime:
                 removed.append(str(container.id))
             except NotFound:
                 pass
-            except DockerException as exc:
+            except ENGINE_ERRORS as exc:
                 raise ContainerRuntimeError(_daemon_text(exc)) from None
         return removed
 
@@ -404,7 +410,7 @@ class DockerRuntime:
             containers: list[Any] = self.client.containers.list(
                 all=True, sparse=True, filters={"label": filters}
             )
-        except DockerException as exc:
+        except ENGINE_ERRORS as exc:
             raise ContainerRuntimeError(_daemon_text(exc)) from None
         return containers
 
@@ -417,7 +423,7 @@ class DockerRuntime:
             found = self.client.api.containers(
                 all=True, filters={"label": [TASK_LABEL, f"{NODE_LABEL}={self.node}"]}
             )
-        except DockerException as exc:
+        except ENGINE_ERRORS as exc:
             raise ContainerRuntimeError(_daemon_text(exc)) from None
         infos = []
         for summary in found:
@@ -436,7 +442,7 @@ class DockerRuntime:
     def _inspect_blocking(self, container_id: str) -> ExitInfo:
         try:
             return exit_info_from_inspect(self.client.api.inspect_container(container_id))
-        except DockerException as exc:
+        except ENGINE_ERRORS as exc:
             raise ContainerRuntimeError(_daemon_text(exc)) from None
 
     async def wait_exit(self, container_id: str, timeout_s: float) -> ExitInfo:
@@ -445,7 +451,7 @@ class DockerRuntime:
         def wait() -> ExitInfo:
             try:
                 self.client.api.wait(container_id, timeout=timeout_s)
-            except DockerException as exc:
+            except ENGINE_ERRORS as exc:
                 raise ContainerRuntimeError(_daemon_text(exc)) from None
             return self._inspect_blocking(container_id)
 
@@ -478,7 +484,7 @@ class DockerRuntime:
                     decode=True, filters=filters, since=since.timestamp() if since else None
                 )
             )
-        except DockerException as exc:
+        except ENGINE_ERRORS as exc:
             raise ContainerRuntimeError(f"cannot watch Docker events: {exc}") from None
         if ready is not None:
             ready.set()

@@ -28,7 +28,7 @@ from gpuwarden.adapters.docker_runtime import (
     state_event_id,
 )
 from gpuwarden.engine.commands import RunCommand
-from gpuwarden.engine.errors import ContainerStartError
+from gpuwarden.engine.errors import ContainerRuntimeError, ContainerStartError
 from gpuwarden.engine.events import ContainerExited, ContainerStarted, decode, encode
 from gpuwarden.engine.ids import new_id
 
@@ -138,6 +138,20 @@ def test_exit_event_refuses_a_running_container() -> None:
 def test_declared_mode_requires_a_known_gpu_mode(docker_client: docker.DockerClient) -> None:
     with pytest.raises(ValueError, match="gpu_mode"):
         DockerRuntime(docker_client, "n", gpu_mode="cuda")  # type: ignore[arg-type]
+
+
+async def test_unreachable_engine_is_a_start_error_not_a_crash(tmp_path: Any) -> None:
+    client = docker.DockerClient(base_url=f"unix://{tmp_path}/no.sock", version="1.41")
+    runtime = DockerRuntime(client, "n", gpu_mode="declared")
+    with pytest.raises(ContainerStartError):
+        await runtime.run(make_cmd("gpuwarden-test:latest", ["true"]))
+    with pytest.raises(ContainerRuntimeError):
+        await runtime.list_managed()
+    with pytest.raises(ContainerRuntimeError, match="cannot watch"):
+        async with aclosing(runtime.watch()) as observations:
+            async for _ in observations:
+                pass
+    client.close()
 
 
 # --- real engine -------------------------------------------------------------------
