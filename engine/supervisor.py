@@ -120,6 +120,7 @@ class TaskState:
     next_attempt: int = 1  # the attempt that placement will create next
     rebuild: RebuildDecided | None = None  # the decided rebuild awaiting placement
     pending_reason: str | None = None
+    pendings: int = 0  # task.pending events so far: a reason that comes back needs a new id
     counted_rebuilds: list[datetime] = field(default_factory=list)
     rebuilds: int = 0
     failure: TaskFailed | None = None
@@ -294,6 +295,7 @@ def _on_task_pending(state: State, e: TaskPending) -> None:
     task = state.tasks.get(e.task_id)
     if task is not None:
         task.pending_reason = e.reason
+        task.pendings += 1
 
 
 def _on_task_scheduled(state: State, e: TaskScheduled) -> None:
@@ -835,7 +837,7 @@ def _not_placed(r: _Round, task: TaskState, nofit: NoFit, parent: str) -> None:
     elif nofit.reason != task.pending_reason:
         r.events.append(
             TaskPending(
-                id=derive_id(parent, f"pending/{n}/{nofit.reason}"),
+                id=derive_id(parent, f"pending/{n}/{task.pendings}/{nofit.reason}"),
                 reason=nofit.reason,
                 attempt=n,
                 **common,

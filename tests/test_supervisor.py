@@ -693,3 +693,20 @@ def test_evolve_ignores_events_about_unknown_things() -> None:
         assert decide(state, event, T0) == []
         assert commands_for(state, event) == []
     assert state.tasks == {} and state.gpus == {} and state.nodes == {}
+
+
+def test_a_pending_reason_that_comes_back_gets_a_new_event_id() -> None:
+    """Ids double as Nats-Msg-Id: a repeated id would be dropped as a duplicate."""
+    d = Driver()
+    d.node("a", 2)
+    d.node("b", 1)
+    running(d, "t1")
+    running(d, "t3")
+    assert (d.attempt("t1").node, d.attempt("t3").node) == ("b", "a")
+    d.submit("t2", gpus=2)
+    lose(d, "b")  # b/0 is released on a lost node: t2's reason changes
+    d.emit(ev.NodeRecovered, node="b")  # ... and changes back
+    reasons = [p.reason for p in d.of_type(ev.TaskPending, "t2")]
+    assert len(reasons) == 3 and reasons[0] == reasons[-1] != reasons[1]
+    ids = [e.id for e in d.log]
+    assert len(ids) == len(set(ids))
