@@ -389,9 +389,10 @@ class NvmlProbe:
             raise GpuProbeError("NvmlProbe.watch() before open()")
         send, receive = anyio.create_memory_object_stream[GpuFault](256)
         stopping = threading.Event()
+        failure: list[BaseException] = []
         watcher = threading.Thread(
             target=self._watch_thread,
-            args=(send, anyio.lowlevel.current_token(), stopping),
+            args=(send, anyio.lowlevel.current_token(), stopping, failure),
             name=f"nvml-watch-{self.node}",
             daemon=True,
         )
@@ -400,6 +401,8 @@ class NvmlProbe:
             async with receive:
                 async for fault in receive:
                     yield fault
+            if failure:
+                raise GpuProbeError(f"NVML watch stopped: {failure[0]}")
         finally:
             stopping.set()
             with anyio.CancelScope(shield=True):
@@ -410,6 +413,7 @@ class NvmlProbe:
         send: MemoryObjectSendStream[GpuFault],
         token: anyio.lowlevel.EventLoopToken,
         stopping: threading.Event,
+        failure: list[BaseException],
     ) -> None:
         def emit(faults: Iterable[GpuFault]) -> None:
             for fault in faults:
@@ -419,6 +423,8 @@ class NvmlProbe:
             self._watch_loop(emit, stopping)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
             pass  # the consumer (or its event loop) went away
+        except Exception as exc:  # NVML failed outside a single read: say so, do not hang
+            failure.append(exc)
         finally:
             try:
                 anyio.from_thread.run_sync(send.close, token=token)

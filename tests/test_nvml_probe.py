@@ -272,6 +272,18 @@ async def test_watch_before_open_is_refused() -> None:
                 pass
 
 
+async def test_watch_reports_nvml_failing_underneath() -> None:
+    class Broken(ReplayNvml):
+        def nvmlEventSetCreate(self) -> str:
+            raise ReplayNvmlError(999)
+
+    probe = NvmlProbe("n1", nvml=Broken(load("session_two_gpus.json"))).open()
+    with anyio.fail_after(5), pytest.raises(GpuProbeError, match="NVML watch stopped"):
+        async with aclosing(probe.watch()) as faults:
+            async for _ in faults:
+                pass
+
+
 def test_probe_or_declare_says_plainly_when_there_is_no_driver() -> None:
     class NoDriver(ReplayNvml):
         def nvmlInit(self) -> None:
