@@ -405,7 +405,7 @@ def payload_text(stored: StoredEvent) -> str:
     return ""
 
 
-def index_row(stored: StoredEvent) -> EventRow:
+def index_row(stored: StoredEvent, at: str | None = None) -> EventRow:
     """The events-index row of one stored event; undecodable ones get type '!invalid'."""
     e: Any = stored.event
     if e is None:
@@ -432,7 +432,7 @@ def index_row(stored: StoredEvent) -> EventRow:
         gpu=getattr(e, "gpu_uuid", None),
         node=getattr(e, "node", None),
         container=getattr(e, "container_id", None),
-        at=format_time(e.at),
+        at=at or format_time(e.at),
         actor=e.actor,
         id=e.id,
         causation=e.causation_id,
@@ -445,9 +445,11 @@ def index_row(stored: StoredEvent) -> EventRow:
 def project(model: Model, stored: StoredEvent) -> EventRow:
     """Fold one stored event into the model; returns its events-index row."""
     e = stored.event
-    if e is not None:
-        HANDLERS[type(e)](model, e, format_time(e.at))
-    return index_row(stored)
+    if e is None:
+        return index_row(stored)
+    at = format_time(e.at)
+    HANDLERS[type(e)](model, e, at)
+    return index_row(stored, at)
 
 
 def fold(events: Iterable[StoredEvent], model: Model | None = None) -> Model:

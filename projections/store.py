@@ -9,11 +9,10 @@ handful of `executemany` calls, not one statement per event.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import aiosqlite
 import anyio
@@ -33,7 +32,7 @@ from gpuwarden.projections.model import (
 )
 
 DB_NAME: Final = "projections.sqlite3"
-SCHEMA_VERSION: Final = "1"
+SCHEMA_VERSION: Final = "2"
 DEFAULT_BATCH: Final = 2000
 CACHE_LIMIT: Final = 200_000  # rows kept in memory between batches
 
@@ -75,25 +74,38 @@ CREATE INDEX IF NOT EXISTS events_id ON events (id) WHERE id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, name TEXT, owner TEXT, image TEXT, state TEXT NOT NULL,
     attempts INTEGER NOT NULL, current_attempt INTEGER, node TEXT, gpus TEXT NOT NULL,
-    last_fault TEXT, failure_reason TEXT, submitted_at TEXT, updated_at TEXT);
+    last_fault TEXT, failure_reason TEXT, submitted_at TEXT, updated_at TEXT)
+    WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state);
 CREATE TABLE IF NOT EXISTS attempts (
     task TEXT NOT NULL, attempt INTEGER NOT NULL, node TEXT, gpus TEXT NOT NULL,
     container_id TEXT, scheduled_at TEXT, started_at TEXT, exited_at TEXT,
     exit_code INTEGER, signal INTEGER, oom INTEGER NOT NULL, error TEXT, fault TEXT,
-    rule TEXT, outcome TEXT, PRIMARY KEY (task, attempt));
+    rule TEXT, outcome TEXT, PRIMARY KEY (task, attempt)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gpus (
     uuid TEXT PRIMARY KEY, node TEXT, "index" INTEGER, model TEXT, memory_mb INTEGER,
     quarantined INTEGER NOT NULL, allocated_task TEXT, allocated_attempt INTEGER,
-    fault_count INTEGER NOT NULL);
+    fault_count INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY, runtime TEXT, state TEXT NOT NULL, gpus TEXT NOT NULL,
-    last_heartbeat TEXT);
+    last_heartbeat TEXT) WITHOUT ROWID;
 """
+EVENT_INDEXES: Final = (
+    "events_task",
+    "events_gpu",
+    "events_node",
+    "events_type",
+    "events_at",
+    "events_id",
+)
 TABLES: Final = ("events", "tasks", "attempts", "gpus", "nodes", "checkpoint", "meta")
 
 
 # --- rows <-> SQLite -----------------------------------------------------------------
+
+
+_json: Final = msgspec.json.Encoder()
+_unjson: Final = msgspec.json.Decoder()
 
 
 def _fields(cls: type[msgspec.Struct]) -> tuple[str, ...]:
@@ -102,7 +114,7 @@ def _fields(cls: type[msgspec.Struct]) -> tuple[str, ...]:
 
 def _to_params(row: msgspec.Struct) -> tuple[Any, ...]:
     values = msgspec.structs.astuple(row)
-    return tuple(json.dumps(v) if isinstance(v, tuple) else v for v in values)
+    return tuple(_json.encode(v).decode() if isinstance(v, tuple) else v for v in values)
 
 
 def _row_kwargs(cls: type[msgspec.Struct], values: Sequence[Any]) -> dict[str, Any]:
@@ -111,13 +123,13 @@ def _row_kwargs(cls: type[msgspec.Struct], values: Sequence[Any]) -> dict[str, A
 
 def task_row(values: Sequence[Any]) -> TaskRow:
     kw = _row_kwargs(TaskRow, values)
-    kw["gpus"] = tuple(json.loads(kw["gpus"]))
+    kw["gpus"] = tuple(_unjson.decode(kw["gpus"]))
     return TaskRow(**kw)
 
 
 def attempt_row(values: Sequence[Any]) -> AttemptRow:
     kw = _row_kwargs(AttemptRow, values)
-    kw["gpus"] = tuple(json.loads(kw["gpus"]))
+    kw["gpus"] = tuple(_unjson.decode(kw["gpus"]))
     kw["oom"] = bool(kw["oom"])
     return AttemptRow(**kw)
 
@@ -130,13 +142,13 @@ def gpu_row(values: Sequence[Any]) -> GpuRow:
 
 def node_row(values: Sequence[Any]) -> NodeRow:
     kw = _row_kwargs(NodeRow, values)
-    kw["gpus"] = tuple(json.loads(kw["gpus"]))
+    kw["gpus"] = tuple(_unjson.decode(kw["gpus"]))
     return NodeRow(**kw)
 
 
 def event_row(values: Sequence[Any]) -> EventRow:
     kw = _row_kwargs(EventRow, values)
-    kw["headers"] = json.loads(kw["headers"]) if kw["headers"] else {}
+    kw["headers"] = _unjson.decode(kw["headers"]) if kw["headers"] else {}
     return EventRow(**kw)
 
 
@@ -156,7 +168,7 @@ def _event_params(row: EventRow) -> tuple[Any, ...]:
         row.causation,
         row.correlation,
         row.error,
-        json.dumps(row.headers) if row.headers else None,
+        _json.encode(row.headers).decode() if row.headers else None,
         row.payload,
     )
 
@@ -181,6 +193,13 @@ def _chunks(values: Iterable[Any]) -> Iterable[list[Any]]:
         yield items[start : start + _CHUNK]
 
 
+class _Prepared(NamedTuple):
+    events: list[tuple[Any, ...]]
+    rows: list[tuple[str, list[tuple[Any, ...]]]]
+    last: int
+    size: int
+
+
 # --- the store -----------------------------------------------------------------------
 
 
@@ -194,6 +213,7 @@ class ProjectionStore:
         self._model = Model()
         self._cache_complete = False  # every persisted row is in self._model
         self._checkpoint = 0
+        self._planned = 0  # last sequence folded into memory (committed or in flight)
         self._waiters: list[tuple[int, anyio.Event]] = []
 
     # lifecycle ------------------------------------------------------------------------
@@ -246,7 +266,7 @@ class ProjectionStore:
         await db.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
         )
-        self._checkpoint = await self._read_checkpoint()
+        self._checkpoint = self._planned = await self._read_checkpoint()
         async with db.execute("SELECT 1 FROM tasks UNION ALL SELECT 1 FROM gpus LIMIT 1") as cur:
             empty = await cur.fetchone() is None
         async with db.execute("SELECT 1 FROM nodes LIMIT 1") as cur:
@@ -286,51 +306,77 @@ class ProjectionStore:
 
     async def apply(self, batch: Sequence[StoredEvent]) -> int:
         """Apply a batch in one transaction; returns how many events were new."""
+        prepared = await self._prepare(batch)
+        if prepared is None:
+            return 0
+        await self._commit(prepared)
+        self._evict_if_large()
+        return prepared.size
+
+    async def _prepare(self, batch: Sequence[StoredEvent]) -> _Prepared | None:
+        """Fold a batch into memory and freeze its SQL parameters (no write yet)."""
         fresh: list[StoredEvent] = []
-        last = self._checkpoint
+        last = self._planned
         for stored in batch:
             if stored.seq > last:
                 fresh.append(stored)
                 last = stored.seq
         if not fresh:
-            return 0
+            return None
         await self._load(fresh)
         model = self._model
         try:
-            index = [project(model, stored) for stored in fresh]
-            await self._commit(index, last)
+            events = [_event_params(project(model, stored)) for stored in fresh]
+            rows = [
+                (_UPSERT_TASK, [_to_params(model.tasks[k]) for k in model.dirty_tasks]),
+                (_UPSERT_ATTEMPT, [_to_params(model.attempts[k]) for k in model.dirty_attempts]),
+                (_UPSERT_GPU, [_to_params(model.gpus[k]) for k in model.dirty_gpus]),
+                (_UPSERT_NODE, [_to_params(model.nodes[k]) for k in model.dirty_nodes]),
+            ]
         except BaseException:
-            # The in-memory rows now hold uncommitted changes: forget them.
-            self._model = Model()
-            self._cache_complete = False
+            self._forget()
             raise
-        self._checkpoint = last
         model.clear_dirty()
-        if len(model.tasks) + len(model.attempts) + len(model.gpus) > CACHE_LIMIT:
+        self._planned = last
+        return _Prepared(events=events, rows=rows, last=last, size=len(fresh))
+
+    def _forget(self) -> None:
+        """Memory holds changes that will not be committed: drop it, reload from SQLite."""
+        self._model = Model()
+        self._cache_complete = False
+        self._planned = self._checkpoint
+
+    def _large(self) -> bool:
+        model = self._model
+        return len(model.tasks) + len(model.attempts) + len(model.gpus) > CACHE_LIMIT
+
+    def _evict_if_large(self) -> None:
+        if self._large():
             self._model = Model()
             self._cache_complete = False
-        self._wake(last)
-        return len(fresh)
 
-    async def _commit(self, index: list[EventRow], last: int) -> None:
-        db, model = self.db, self._model
-        await db.execute("BEGIN IMMEDIATE")
+    async def _commit(self, prepared: _Prepared) -> None:
+        db = self.db
         try:
-            await db.executemany(_INSERT_EVENT, [_event_params(r) for r in index])
-            for sql, rows in (
-                (_UPSERT_TASK, [model.tasks[k] for k in model.dirty_tasks]),
-                (_UPSERT_ATTEMPT, [model.attempts[k] for k in model.dirty_attempts]),
-                (_UPSERT_GPU, [model.gpus[k] for k in model.dirty_gpus]),
-                (_UPSERT_NODE, [model.nodes[k] for k in model.dirty_nodes]),
-            ):
-                if rows:
-                    await db.executemany(sql, [_to_params(r) for r in rows])
-            await db.execute("UPDATE checkpoint SET last_seq = ? WHERE id = 1", (last,))
-            await db.execute("COMMIT")
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.executemany(_INSERT_EVENT, prepared.events)
+                for sql, params in prepared.rows:
+                    if params:
+                        await db.executemany(sql, params)
+                await db.execute(
+                    "UPDATE checkpoint SET last_seq = ? WHERE id = 1", (prepared.last,)
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await db.execute("ROLLBACK")
+                raise
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await db.execute("ROLLBACK")
+            self._forget()
             raise
+        self._checkpoint = prepared.last
+        self._wake(prepared.last)
 
     async def _load(self, batch: Sequence[StoredEvent]) -> None:
         """Bring the rows a batch touches into memory (unless memory already has all)."""
@@ -384,11 +430,42 @@ class ProjectionStore:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_read_batches, log, self._checkpoint + 1, end, batch_size, send)
             async with receive:
-                async for batch in receive:
-                    await self.apply(batch)
-                    if progress is not None:
-                        progress(self._checkpoint, end)
+                await self._apply_stream(receive, progress, end)
         return self._checkpoint
+
+    async def _apply_stream(
+        self,
+        batches: AsyncIterator[list[StoredEvent]],
+        progress: Progress | None,
+        end: int | None,
+    ) -> None:
+        """Fold batch k+1 in memory while batch k commits in SQLite's thread.
+
+        At most one commit is in flight. Loading rows from SQLite (when memory does not
+        hold them all) waits for it, so a load never sees a half-written transaction.
+        """
+
+        async def commit(prepared: _Prepared, done: anyio.Event) -> None:
+            await self._commit(prepared)
+            done.set()
+            if progress is not None:
+                progress(self._checkpoint, end)
+
+        previous: anyio.Event | None = None
+        async with anyio.create_task_group() as tg:
+            async for batch in batches:
+                if previous is not None and not self._cache_complete:
+                    await previous.wait()
+                prepared = await self._prepare(batch)
+                if prepared is None:
+                    continue
+                if previous is not None:
+                    await previous.wait()
+                previous = anyio.Event()
+                tg.start_soon(commit, prepared, previous)
+                if self._large():
+                    await previous.wait()
+                    self._evict_if_large()
 
     async def follow(self, log: ReadableLog, batch_size: int = DEFAULT_BATCH) -> None:
         """Apply live events forever, batching whatever has arrived since the last commit."""
@@ -416,7 +493,13 @@ class ProjectionStore:
         Batches commit as they go, so a rebuild that is killed resumes with `catch_up`.
         """
         await self.reset()
-        return await self.catch_up(log, batch_size=batch_size, progress=progress)
+        # Building the index once at the end is cheaper than growing it row by row; if
+        # the rebuild is killed, the next open re-creates it (CREATE ... IF NOT EXISTS).
+        for name in EVENT_INDEXES:
+            await self.db.execute(f"DROP INDEX IF EXISTS {name}")
+        last = await self.catch_up(log, batch_size=batch_size, progress=progress)
+        await self.db.executescript(SCHEMA)
+        return last
 
 
 async def _end_of(log: ReadableLog) -> int | None:
