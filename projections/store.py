@@ -9,7 +9,8 @@ handful of `executemany` calls, not one statement per event.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NamedTuple, Protocol
@@ -427,10 +428,11 @@ class ProjectionStore:
         if progress is not None:
             progress(self._checkpoint, end)
         send, receive = anyio.create_memory_object_stream[list[StoredEvent]](2)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_read_batches, log, self._checkpoint + 1, end, batch_size, send)
-            async with receive:
-                await self._apply_stream(receive, progress, end)
+        with _first_error():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_read_batches, log, self._checkpoint + 1, end, batch_size, send)
+                async with receive:
+                    await self._apply_stream(receive, progress, end)
         return self._checkpoint
 
     async def _apply_stream(
@@ -500,6 +502,17 @@ class ProjectionStore:
         last = await self.catch_up(log, batch_size=batch_size, progress=progress)
         await self.db.executescript(SCHEMA)
         return last
+
+
+@contextmanager
+def _first_error() -> Iterator[None]:
+    """Callers catch the log's or SQLite's own error, not a task group's wrapper."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            group = group.exceptions[0]
+        raise group from None
 
 
 async def _end_of(log: ReadableLog) -> int | None:

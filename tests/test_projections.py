@@ -214,3 +214,35 @@ async def test_an_old_schema_is_dropped_and_rebuilt(tmp_path: Path) -> None:
         assert await store.checkpoint() == 0
         await store.catch_up(ListLog(stored))
         assert await q.tasks(store) == EXPECTED_TASKS
+
+
+class DyingLog(ListLog):
+    """A log whose reader dies after `limit` events, as a killed rebuild would."""
+
+    def __init__(self, stored: list[Any], limit: int) -> None:
+        super().__init__(stored)
+        self.limit = limit
+
+    async def read(self, from_seq: int = 1, until_seq: int | None = None, subject: Any = None):  # type: ignore[no-untyped-def]
+        count = 0
+        async for item in super().read(from_seq, until_seq, subject):
+            if count == self.limit:
+                raise ConnectionError("killed")
+            count += 1
+            yield item
+
+
+async def test_a_real_rebuild_killed_midway_resumes_with_its_indexes(tmp_path: Path) -> None:
+    stored = sample_log().stored
+    async with ProjectionStore(tmp_path) as store:
+        with pytest.raises(ConnectionError, match="killed"):
+            await store.rebuild(DyingLog(stored, 25), batch_size=4)
+        assert 0 < await store.checkpoint() <= 25
+    async with ProjectionStore(tmp_path) as store:  # reopening restores the indexes
+        await store.catch_up(ListLog(stored), batch_size=5)
+        assert await q.tasks(store) == EXPECTED_TASKS
+        assert await q.attempts(store) == EXPECTED_ATTEMPTS
+        assert [r.seq for r in await q.events(store, task="t2")] == [16, 17, 18, 19, 20, 21, 22]
+        async with store.db.execute("SELECT name FROM sqlite_master WHERE type='index'") as cur:
+            names = {row[0] for row in await cur.fetchall()}
+        assert set(store_mod.EVENT_INDEXES) <= names
