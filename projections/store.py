@@ -472,17 +472,18 @@ class ProjectionStore:
     async def follow(self, log: ReadableLog, batch_size: int = DEFAULT_BATCH) -> None:
         """Apply live events forever, batching whatever has arrived since the last commit."""
         send, receive = anyio.create_memory_object_stream[StoredEvent](batch_size * 4)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_forward, log.subscribe(self._checkpoint + 1), send)
-            async with receive:
-                async for first in receive:
-                    batch = [first]
-                    while len(batch) < batch_size:
-                        try:
-                            batch.append(receive.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                    await self.apply(batch)
+        with _first_error():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_forward, log.subscribe(self._checkpoint + 1), send)
+                async with receive:
+                    async for first in receive:
+                        batch = [first]
+                        while len(batch) < batch_size:
+                            try:
+                                batch.append(receive.receive_nowait())
+                            except (anyio.WouldBlock, anyio.EndOfStream):
+                                break
+                        await self.apply(batch)
 
     async def rebuild(
         self,
