@@ -7,7 +7,6 @@ from pathlib import Path
 import anyio
 import pytest
 from gpuwarden.adapters.jetstream import JetStreamEventLog
-from gpuwarden.engine import cli as engine_cli
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections import queries as q
 from gpuwarden.projections.export import export, from_line
@@ -82,6 +81,7 @@ async def test_the_cli_end_to_end(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    engine_cli = pytest.importorskip("gpuwarden.engine.cli")
     await publish(event_log, sample_log().stored)
     monkeypatch.setattr(engine_cli, "COMMAND_MODULES", ["gpuwarden.projections.cli"])
     base = ["--nats", nats_server.url, "--data-dir", str(tmp_path)]  # type: ignore[attr-defined]
