@@ -1,0 +1,86 @@
+"""Node liveness from heartbeats: heartbeats are not events, their absence is.
+
+Agents beat on core NATS (or, in scenarios, straight into this object); the engine
+appends `node.lost` once a node it thinks alive has been silent for
+`node_lost_after_s`, with the last heartbeat time as evidence, and `node.recovered`
+when a lost node beats again. Times are the engine clock's at receipt, so an agent's
+clock skew cannot declare a node dead.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from gpuwarden.engine.events import Event, NodeLost, NodeRecovered, derive_id
+from gpuwarden.engine.supervisor import State
+
+ACTOR = "engine"
+
+
+class Liveness:
+    def __init__(self, node_lost_after_s: float) -> None:
+        self.after = timedelta(seconds=node_lost_after_s)
+        self.last_seen: dict[str, datetime] = {}
+        self.pending: set[str] = set()  # nodes whose lost/recovered is on its way to the log
+        self.started_at: datetime | None = None
+
+    def beat(self, node: str, at: datetime) -> None:
+        seen = self.last_seen.get(node)
+        if seen is None or at > seen:
+            self.last_seen[node] = at
+
+    def start(self, state: State, now: datetime) -> None:
+        """Give every known node a full timeout from now: silence before we ran is unknown."""
+        self.started_at = now
+        for name in state.nodes:
+            self.beat(name, now)
+
+    def settled(self, node: str) -> None:
+        self.pending.discard(node)
+
+    def _seen(self, node: str) -> datetime | None:
+        seen = self.last_seen.get(node)
+        if seen is None and self.started_at is not None:
+            return self.started_at
+        return seen
+
+    def next_due(self, state: State) -> datetime | None:
+        dues = [
+            seen + self.after
+            for name, node in state.nodes.items()
+            if node.alive and name not in self.pending and (seen := self._seen(name)) is not None
+        ]
+        return min(dues) if dues else None
+
+    def check(self, state: State, now: datetime, base_id: str) -> list[Event]:
+        """node.lost for the silent, node.recovered for the lost that beat again."""
+        out: list[Event] = []
+        for name, node in sorted(state.nodes.items()):
+            if name in self.pending:
+                continue
+            seen = self._seen(name)
+            if seen is None:
+                continue
+            if node.alive and now - seen > self.after:
+                out.append(
+                    NodeLost(
+                        id=derive_id(base_id, f"lost/{name}"),
+                        at=now,
+                        actor=ACTOR,
+                        node=name,
+                        last_heartbeat_at=self.last_seen.get(name),
+                    )
+                )
+                self.pending.add(name)
+            elif not node.alive and node.lost is not None and seen > node.lost.at:
+                out.append(
+                    NodeRecovered(
+                        id=derive_id(base_id, f"recovered/{name}"),
+                        at=now,
+                        actor=ACTOR,
+                        node=name,
+                        last_heartbeat_at=seen,
+                    )
+                )
+                self.pending.add(name)
+        return out

@@ -1,0 +1,364 @@
+"""The engine service: the log feeds the supervisor, its decisions go back to the log.
+
+The loop folds every event in log order, so the state is always the fold of a prefix
+of the log. When no decision of its own is on its way back, it decides on everything
+folded since its last round (`decide_many`) and appends the result as one atomic
+batch, with each subject's expected last sequence: a concurrent writer (another
+engine) makes the append fail with ConcurrencyError, and the engine reads on and
+decides again. Every decision carries the headers `Gw-Basis` (the last sequence it
+had folded) and `Gw-Trigger` (the events it decided on), so `replay --check` can
+re-derive it from exactly the state it was made in.
+
+Commands are sent when a decision is folded back, with ids derived from it, so a
+resend after a crash is dropped by the server (and by the agent's labels).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from gpuwarden.engine.commands import Command
+from gpuwarden.engine.errors import ConcurrencyError, EventLogError
+from gpuwarden.engine.events import (
+    Event,
+    FaultClassified,
+    NodeLost,
+    NodeRecovered,
+    TaskScheduled,
+    subject_of,
+    type_of,
+)
+from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.liveness import Liveness
+from gpuwarden.engine.metrics import EngineMetrics
+from gpuwarden.engine.policy import DEFAULT_POLICY, Policy
+from gpuwarden.engine.ports import (
+    BASIS_HEADER,
+    TRIGGER_HEADER,
+    Clock,
+    CommandBus,
+    EventLog,
+    StoredEvent,
+)
+from gpuwarden.engine.supervisor import (
+    State,
+    commands_for,
+    decide_many,
+    evolve,
+    initial_state,
+    next_due,
+    reconcile,
+)
+
+log = logging.getLogger("gpuwarden.engine")
+
+MAX_EVENT_BYTES = 256 * 1024
+MAX_TRIGGERS_PER_ROUND = 512
+MAX_BATCH = 500
+
+
+class DeadLetters(Protocol):
+    async def dead_letter(self, record: StoredEvent, reason: str) -> None:
+        """Copy a message the engine cannot fold to the dead-letter subject."""
+
+
+class Engine:
+    def __init__(
+        self,
+        log: EventLog,
+        bus: CommandBus,
+        clock: Clock,
+        policy: Policy = DEFAULT_POLICY,
+        *,
+        dead_letters: DeadLetters | None = None,
+        metrics: EngineMetrics | None = None,
+        liveness: Liveness | None = None,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+    ) -> None:
+        self.log = log
+        self.bus = bus
+        self.clock = clock
+        self.policy = policy
+        self.dead_letters = dead_letters
+        self.metrics = metrics or EngineMetrics()
+        self.liveness = liveness
+        self.max_event_bytes = max_event_bytes
+        self.state: State = initial_state(policy)
+        self.subject_seqs: dict[str, int] = {}
+        self.folded = 0  # last stream sequence folded
+        self.awaiting = 0  # our own last append's sequence, until folded back
+        self.triggers: list[Event] = []
+        self.trigger_since: float | None = None
+        self.live = False
+        self.deciding = False  # a round is between deciding and its append's ack
+        self.caught_up = anyio.Event()
+        self.progress = anyio.Event()  # set (and replaced) after each fold batch
+
+    # --- folding -----------------------------------------------------------------
+
+    async def _fold(self, record: StoredEvent) -> None:
+        if record.seq <= self.folded:
+            return  # a redelivery after a reconnect
+        self.folded = record.seq
+        self.subject_seqs[record.subject] = record.seq
+        self.metrics.last_seq = record.seq
+        event = record.event
+        problem = record.error
+        if event is not None and len(record.data) > self.max_event_bytes:
+            problem = f"event of {len(record.data)} bytes exceeds {self.max_event_bytes}"
+            event = None
+        if event is None:
+            await self._dead_letter(record, problem or "undecodable")
+            return
+        self.metrics.events_consumed += 1
+        evolve(self.state, event)
+        if isinstance(event, FaultClassified):
+            self.metrics.faults[event.fault] += 1
+        if self.live:
+            if not self.triggers:
+                self.trigger_since = time.perf_counter()
+            self.triggers.append(event)
+            for command in commands_for(self.state, event):
+                await self._send(command)
+            if self.liveness is not None and isinstance(event, NodeLost | NodeRecovered):
+                self.liveness.settled(event.node)
+
+    async def _dead_letter(self, record: StoredEvent, reason: str) -> None:
+        kind = "too_large" if "exceeds" in reason else "undecodable"
+        self.metrics.dead_letters[kind] += 1
+        log.warning("seq %s on %s skipped: %s", record.seq, record.subject, reason)
+        if self.dead_letters is not None:
+            try:
+                await self.dead_letters.dead_letter(record, reason)
+            except Exception as exc:  # the log keeps the original; never stop the engine
+                log.error("dead-lettering seq %s failed: %s", record.seq, exc)
+
+    async def _send(self, command: Command) -> None:
+        try:
+            await self.bus.send(command)
+            self.metrics.commands_sent += 1
+        except Exception as exc:
+            log.error("sending %s to %s failed: %s", command.id, command.node, exc)
+
+    # --- deciding ----------------------------------------------------------------
+
+    def due(self) -> datetime | None:
+        """The next moment a timer (supervisor or liveness) needs a round."""
+        dues = [d for d in (next_due(self.state), self._liveness_due()) if d is not None]
+        return min(dues) if dues else None
+
+    def _liveness_due(self) -> datetime | None:
+        if self.liveness is None:
+            return None
+        return self.liveness.next_due(self.state)
+
+    async def _round(self) -> None:
+        """Decide on everything folded since the last round, and on due timers."""
+        now = self.clock.now()
+        triggers = self.triggers[:MAX_TRIGGERS_PER_ROUND]
+        del self.triggers[:MAX_TRIGGERS_PER_ROUND]
+        started = self.trigger_since
+        self.trigger_since = time.perf_counter() if self.triggers else None
+        if self.liveness is not None:
+            await self._liveness_round(now)
+        decisions = decide_many(self.state, triggers, now)
+        if not decisions:
+            return
+        ids = ",".join(e.id for e in triggers) or "timer"
+        stored = await self._commit(decisions, ids)
+        if not stored:
+            self.triggers[:0] = triggers  # someone else decided; read on, decide again
+            return
+        if started is not None:
+            self.metrics.decision_latency.observe(time.perf_counter() - started)
+
+    async def _commit(self, decisions: Sequence[Event], trigger_ids: str) -> bool:
+        headers = {BASIS_HEADER: str(self.folded), TRIGGER_HEADER: trigger_ids}
+        seqs = dict(self.subject_seqs)
+        for part in _parts(decisions):
+            expected: dict[str, int] = {}
+            for event in part:
+                subject = subject_of(event)
+                expected.setdefault(subject, seqs.get(subject, 0))
+            try:
+                stored = await self.log.append_batch(part, expected, headers)
+            except ConcurrencyError as exc:
+                self.metrics.conflicts += 1
+                log.info("decision refused (%s); reading on", exc)
+                self.awaiting = max(self.awaiting, await self._stream_end())
+                return False
+            for event, seq in zip(part, stored, strict=True):
+                seqs[subject_of(event)] = seq
+                self.metrics.decisions[type_of(event)] += 1
+            self.awaiting = max(self.awaiting, stored[-1])
+        return True
+
+    async def _stream_end(self) -> int:
+        try:
+            return await self.log.last_seq()
+        except EventLogError:
+            return self.folded + 1
+
+    async def _liveness_round(self, now: datetime) -> None:
+        assert self.liveness is not None
+        for event in self.liveness.check(self.state, now, new_id(now)):
+            subject = subject_of(event)
+            try:
+                await self.log.append(subject, [event], self.subject_seqs.get(subject, 0))
+            except ConcurrencyError:
+                self.metrics.conflicts += 1  # another engine saw it first
+            else:
+                self.metrics.decisions[type_of(event)] += 1
+
+    # --- the service -------------------------------------------------------------
+
+    async def catch_up(self) -> None:
+        """Fold the whole log without deciding (the decisions are in it already)."""
+        async for record in self.log.read(self.folded + 1):
+            await self._fold(record)
+
+    async def start_live(self) -> None:
+        """After catch-up: decide what was missed, resend commands not yet carried out."""
+        self.live = True
+        now = self.clock.now()
+        if self.liveness is not None:
+            self.liveness.start(self.state, now)
+        missed = reconcile(self.state, now)
+        if missed:
+            await self._commit(missed, "reconcile")
+        for task in self.state.tasks.values():
+            attempt = task.current
+            if attempt is not None and attempt.live and not attempt.started:
+                for command in commands_for(self.state, attempt.scheduled):
+                    await self._send(command)
+        self.caught_up.set()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        await self.catch_up()
+        await self.start_live()
+        send, receive = anyio.create_memory_object_stream[StoredEvent](10_000)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._pump, send, self.folded + 1)
+            task_status.started()
+            await self._loop(receive)
+
+    async def _pump(self, send: MemoryObjectSendStream[StoredEvent], from_seq: int) -> None:
+        async with send:
+            async for record in self.log.subscribe(from_seq):
+                await send.send(record)
+
+    async def _loop(self, receive: MemoryObjectReceiveStream[StoredEvent]) -> None:
+        while True:
+            record = await self._next(receive)
+            if record is not None:
+                await self._fold(record)
+                while True:  # fold whatever else is already here before deciding
+                    try:
+                        record = receive.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    await self._fold(record)
+                self._signal_progress()
+            if self.awaiting > self.folded:
+                continue  # our last decision is not folded back yet
+            due = self.due()
+            if self.triggers or (due is not None and due <= self.clock.now()):
+                self.deciding = True
+                try:
+                    await self._round()
+                finally:
+                    self.deciding = False
+                self._signal_progress()
+
+    async def _next(self, receive: MemoryObjectReceiveStream[StoredEvent]) -> StoredEvent | None:
+        """The next record, or None when a timer falls due (or a round is pending)."""
+        try:
+            return receive.receive_nowait()
+        except anyio.WouldBlock:
+            pass
+        if self.awaiting <= self.folded and self.triggers:
+            return None
+        due = None if self.awaiting > self.folded else self.due()
+        if due is None:
+            return await receive.receive()
+        result: StoredEvent | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def timer() -> None:
+                await self.clock.sleep_until(due)
+                tg.cancel_scope.cancel()
+
+            async def reader() -> None:
+                nonlocal result
+                result = await receive.receive()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(timer)
+            tg.start_soon(reader)
+        return result
+
+    def _signal_progress(self) -> None:
+        self.progress.set()
+        self.progress = anyio.Event()
+
+    async def wait_folded(self, seq: int, timeout_s: float = 10.0) -> None:
+        """Wait until the engine has folded `seq` (tests and the scenario runner)."""
+        with anyio.fail_after(timeout_s):
+            while self.folded < seq:
+                await self.progress.wait()
+
+    async def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Wait until everything appended so far is folded and nothing is left to decide."""
+        with anyio.fail_after(timeout_s):
+            while True:
+                end = await self.log.last_seq()
+                due = self.due()
+                busy = (
+                    self.deciding
+                    or self.folded < end
+                    or self.awaiting > self.folded
+                    or bool(self.triggers)
+                    or (due is not None and due <= self.clock.now())
+                )
+                if not busy:
+                    return
+                await self.progress.wait()
+
+
+def _parts(decisions: Sequence[Event]) -> list[list[Event]]:
+    """Split a round's decisions into atomic batches, never splitting one task's group."""
+    if len(decisions) <= MAX_BATCH:
+        return [list(decisions)]
+    parts: list[list[Event]] = [[]]
+    group: list[Event] = []
+    key: str | None = None
+    for event in decisions:
+        if event.correlation_id != key and group:
+            if len(parts[-1]) + len(group) > MAX_BATCH and parts[-1]:
+                parts.append([])
+            parts[-1].extend(group)
+            group = []
+        key = event.correlation_id
+        group.append(event)
+    if len(parts[-1]) + len(group) > MAX_BATCH and parts[-1]:
+        parts.append([])
+    parts[-1].extend(group)
+    return parts
+
+
+def scheduled_runs(state: State) -> list[TaskScheduled]:
+    """Attempts scheduled but not started (for tests and status output)."""
+    return [
+        a.scheduled
+        for t in state.tasks.values()
+        if (a := t.current) is not None and a.live and not a.started
+    ]

@@ -1,0 +1,182 @@
+"""The engine service on a real nats-server: decisions reach the log and the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import pytest
+from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
+from gpuwarden.engine import events as ev
+from gpuwarden.engine.clock import VirtualClock
+from gpuwarden.engine.commands import RunCommand
+from gpuwarden.engine.ports import BASIS_HEADER, TRIGGER_HEADER, StoredEvent
+from gpuwarden.engine.runtime import Engine
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+class World:
+    """An engine in a task group plus helpers to append observations as an agent would."""
+
+    def __init__(self, log: JetStreamEventLog, bus: JetStreamCommandBus) -> None:
+        self.log = log
+        self.bus = bus
+        self.clock = VirtualClock(T0)
+        self.engine = Engine(log, bus, self.clock)
+        self.n = 0
+
+    async def emit(self, cls: type[Any], **fields: Any) -> ev.Event:
+        self.n += 1
+        fields.setdefault("actor", "test")
+        event = cls(id=f"obs{self.n:04d}", at=self.clock.now(), **fields)
+        await self.log.append(ev.subject_of(event), [event])
+        return event
+
+    async def settle(self) -> None:
+        await self.engine.wait_idle(timeout_s=10)
+
+    async def records(self) -> list[StoredEvent]:
+        return [r async for r in self.log.read()]
+
+    async def types(self, task: str) -> list[str]:
+        return [
+            ev.type_of(r.event)
+            for r in await self.records()
+            if r.event is not None and getattr(r.event, "task_id", None) == task
+        ]
+
+
+async def start_engine(engine: Engine) -> asyncio.Task[None]:
+    """The engine as a background task (fixtures cannot hold a task group open)."""
+    task = asyncio.create_task(engine.run())
+    with anyio.fail_after(10):
+        await engine.caught_up.wait()
+    return task
+
+
+async def stop_engine(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@pytest.fixture
+async def world(
+    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
+) -> AsyncIterator[World]:
+    w = World(event_log, command_bus)
+    task = await start_engine(w.engine)
+    yield w
+    await stop_engine(task)
+
+
+async def register(w: World, node: str, gpus: int) -> None:
+    infos = tuple(ev.GpuInfo(uuid=f"{node}/{i}", index=i, model="H100") for i in range(gpus))
+    await w.emit(ev.NodeRegistered, node=node, runtime="sim", gpus=infos)
+
+
+async def test_submitted_task_is_scheduled_and_its_run_command_sent(world: World) -> None:
+    await register(world, "n1", 2)
+    await world.emit(
+        ev.TaskSubmitted, task_id="t1", name="t1", image="img", command=("run",), gpus=1
+    )
+    await world.settle()
+    assert await world.types("t1") == ["task.submitted", "gpu.allocated", "task.scheduled"]
+    with anyio.fail_after(5):
+        async for received in world.bus.receive("n1"):
+            command = received.command
+            await received.ack()
+            break
+    assert isinstance(command, RunCommand)
+    assert (command.task_id, command.attempt, command.gpu_uuids) == ("t1", 1, ("n1/0",))
+
+
+async def test_decisions_carry_basis_and_trigger_headers(world: World) -> None:
+    await register(world, "n1", 1)
+    submitted = await world.emit(
+        ev.TaskSubmitted, task_id="t1", name="t1", image="img", command=("run",)
+    )
+    await world.settle()
+    decisions = [r for r in await world.records() if r.event and r.event.actor == "engine"]
+    assert decisions, "the engine decided nothing"
+    assert all(BASIS_HEADER in r.headers for r in decisions)
+    assert submitted.id in decisions[0].headers[TRIGGER_HEADER].split(",")
+    assert int(decisions[0].headers[BASIS_HEADER]) < decisions[0].seq
+
+
+async def test_exit_1_fails_after_the_evidence_window_and_frees_gpus(world: World) -> None:
+    await register(world, "n1", 1)
+    await world.emit(ev.TaskSubmitted, task_id="t1", name="t1", image="i", command=("x",))
+    await world.settle()
+    await world.emit(
+        ev.ContainerExited, task_id="t1", attempt=1, node="n1", container_id="c1", exit_code=1
+    )
+    await world.settle()
+    assert "fault.classified" not in await world.types("t1"), "decided before the window closed"
+    world.clock.advance(1.5)
+    await world.settle()
+    types = await world.types("t1")
+    assert types[-3:] == ["fault.classified", "task.failed", "gpu.released"]
+    assert world.engine.state.gpus["n1/0"].holder is None
+
+
+async def test_preempted_task_is_rebuilt_after_backoff(world: World) -> None:
+    await register(world, "n1", 2)
+    await world.emit(ev.TaskSubmitted, task_id="t1", name="t1", image="i", command=("x",))
+    await world.settle()
+    await world.emit(
+        ev.ContainerExited,
+        task_id="t1",
+        attempt=1,
+        node="n1",
+        container_id="c1",
+        exit_code=137,
+        signal=9,
+    )
+    world.clock.advance(1.5)
+    await world.settle()
+    assert world.engine.state.tasks["t1"].status == "waiting"
+    world.clock.advance(10)
+    await world.settle()
+    task = world.engine.state.tasks["t1"]
+    assert task.status == "running" and task.current is not None and task.current.n == 2
+
+
+async def test_undecodable_message_is_dead_lettered_and_the_engine_goes_on(
+    world: World,
+) -> None:
+    await world.log.nc.publish("gw.evt.task.junk", b"{not json")
+    await register(world, "n1", 1)
+    await world.emit(ev.TaskSubmitted, task_id="t1", name="t1", image="i", command=("x",))
+    await world.settle()
+    assert world.engine.metrics.dead_letters["undecodable"] == 1
+    assert world.engine.state.tasks["t1"].status == "running"
+
+
+async def test_a_restarted_engine_neither_repeats_nor_loses_decisions(
+    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
+) -> None:
+    w = World(event_log, command_bus)
+    task = await start_engine(w.engine)
+    await register(w, "n1", 2)
+    await w.emit(ev.TaskSubmitted, task_id="t1", name="t1", image="i", command=("x",))
+    await w.settle()
+    await stop_engine(task)
+    # while no engine runs: a submission and an exit arrive
+    await w.emit(ev.TaskSubmitted, task_id="t2", name="t2", image="i", command=("x",))
+    await w.emit(
+        ev.ContainerExited, task_id="t1", attempt=1, node="n1", container_id="c", exit_code=0
+    )
+    second = Engine(event_log, command_bus, w.clock)
+    w.engine = second
+    task = await start_engine(second)
+    await w.settle()
+    await stop_engine(task)
+    types1 = await w.types("t1")
+    assert types1.count("task.scheduled") == 1 and types1.count("task.completed") == 1
+    assert (await w.types("t2")).count("task.scheduled") == 1
