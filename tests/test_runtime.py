@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
@@ -27,7 +28,8 @@ class World:
         self.log = log
         self.bus = bus
         self.clock = VirtualClock(T0)
-        self.engine = Engine(log, bus, self.clock)
+        self.dead_letters = JetStreamDeadLetters(log.nc)
+        self.engine = Engine(log, bus, self.clock, dead_letters=self.dead_letters)
         self.n = 0
 
     async def emit(self, cls: type[Any], **fields: Any) -> ev.Event:
@@ -156,6 +158,31 @@ async def test_undecodable_message_is_dead_lettered_and_the_engine_goes_on(
     await world.settle()
     assert world.engine.metrics.dead_letters["undecodable"] == 1
     assert world.engine.state.tasks["t1"].status == "running"
+    [(headers, payload)] = await world.dead_letters.read_all()
+    assert payload == b"{not json" and headers["Gw-Subject"] == "gw.evt.task.junk"
+    assert "malformed JSON" in headers["Gw-Reason"]
+
+
+async def test_oversized_and_unknown_type_events_are_dead_lettered(world: World) -> None:
+    await world.log.nc.publish(
+        "gw.evt.task.x", b'{"type":"task.exploded","id":"q","at":"2026-01-01T00:00:00Z"}'
+    )
+    world.engine.max_event_bytes = 400
+    await register(world, "n1", 1)
+    await world.emit(
+        ev.TaskSubmitted,
+        task_id="big",
+        name="big",
+        image="i",
+        command=("x",),
+        env={"PAD": "x" * 500},
+    )
+    await world.settle()
+    reasons = [h["Gw-Reason"] for h, _ in await world.dead_letters.read_all()]
+    assert any("task.exploded" in r for r in reasons)
+    assert any("exceeds 400" in r for r in reasons)
+    assert "big" not in world.engine.state.tasks
+    assert world.engine.state.nodes["n1"].alive
 
 
 async def test_a_restarted_engine_neither_repeats_nor_loses_decisions(
