@@ -1,0 +1,357 @@
+"""The task API on NATS request-reply: create, cancel, get, list.
+
+The service holds no state of its own: it follows the log and folds it (the cluster's
+shape for validation, the supervisor's State for task status, client request ids for
+idempotency), so a restarted service knows everything the log knows. Its only writes
+are compare-and-set appends on one task's subject: `task.submitted` with an expected
+last subject sequence of 0 (a task is created once, whoever asks twice), and
+`task.cancelled` against the sequence it read (a cancel never lands after the task
+ended). Allocation itself stays with the engine, which reacts to `task.submitted`.
+
+Requests and replies are JSON objects; an error reply is
+`{"error": {"code": ..., "field": ..., "message": ...}}` and stores nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream
+from gpuwarden.engine.errors import ConcurrencyError, GpuwardenError, TaskRequestError
+from gpuwarden.engine.events import TaskCancelled, TaskSubmitted, task_subject, to_builtins
+from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.intake import (
+    ClusterShape,
+    ValidTask,
+    fold_shape,
+    task_id_for_request,
+    validate_create,
+)
+from gpuwarden.engine.ports import Clock, EventLog, StoredEvent
+from gpuwarden.engine.supervisor import TERMINAL, State, TaskState, evolve, initial_state
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+log = logging.getLogger("gpuwarden.api")
+
+CREATE: Final = "gw.api.task.create"
+CANCEL: Final = "gw.api.task.cancel"
+GET: Final = "gw.api.task.get"
+LIST: Final = "gw.api.task.list"
+QUEUE: Final = "gw-api"
+ACTOR: Final = "api"
+MAX_REQUEST_BYTES: Final = 256 * 1024
+DEFAULT_CANCEL_REASON: Final = "cancelled by owner"
+CANCEL_TRIES: Final = 5
+LIST_LIMIT: Final = 1000
+
+IdSource = Callable[[datetime], str]
+
+
+class ApiRequestError(GpuwardenError):
+    """A request the service answers with an error (and stores nothing for)."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
+class ApiService:
+    """Serves the task API for as long as `serve()` runs; several may share a queue group."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        log: EventLog,
+        clock: Clock,
+        ids: IdSource = new_id,
+        *,
+        workers: int = 64,
+        sync_timeout_s: float = 5.0,
+    ) -> None:
+        self.nc = nc
+        self.log = log
+        self.clock = clock
+        self.ids = ids
+        self.workers = workers
+        self.sync_timeout_s = sync_timeout_s
+        self.shape = ClusterShape()
+        self.state: State = initial_state()
+        self.requests: dict[tuple[str, str], str] = {}  # (owner, request id) -> task id
+        self.subject_seqs: dict[str, int] = {}
+        self.folded = 0
+        self.ready = anyio.Event()
+        self._progress = anyio.Event()
+
+    # --- following the log -----------------------------------------------------------
+
+    def fold(self, record: StoredEvent) -> None:
+        if record.seq <= self.folded:
+            return
+        self.folded = record.seq
+        self.subject_seqs[record.subject] = record.seq
+        event = record.event
+        if event is None:
+            return
+        self.shape = fold_shape(self.shape, event)
+        if isinstance(event, TaskSubmitted) and event.request_id is not None:
+            self.requests.setdefault((event.owner, event.request_id), event.task_id)
+        evolve(self.state, event)
+
+    async def _follow(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        end = await self.log.last_seq()
+        if end == 0:
+            self.ready.set()
+        task_status.started()
+        async for record in self.log.subscribe(1):
+            self.fold(record)
+            if record.seq >= end and not self.ready.is_set():
+                self.ready.set()
+            self._progress.set()
+            self._progress = anyio.Event()
+
+    async def wait_folded(self, seq: int, timeout_s: float | None = None) -> None:
+        with anyio.fail_after(timeout_s or self.sync_timeout_s):
+            while self.folded < seq:
+                await self._progress.wait()
+
+    async def sync(self) -> None:
+        """Fold up to the log's current end: a read after a write sees the write."""
+        try:
+            await self.wait_folded(await self.log.last_seq())
+        except TimeoutError:
+            raise ApiRequestError(
+                "unavailable", "the API service is behind the event log; retry"
+            ) from None
+
+    # --- serving ---------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        send, receive = anyio.create_memory_object_stream[Msg](self.workers * 4)
+
+        async def enqueue(msg: Msg) -> None:
+            await send.send(msg)
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._follow)
+            with anyio.fail_after(self.sync_timeout_s * 6):
+                await self.ready.wait()
+            for _ in range(self.workers):
+                tg.start_soon(self._worker, receive.clone())
+            subs = [
+                await self.nc.subscribe(subject, queue=QUEUE, cb=enqueue)
+                for subject in (CREATE, CANCEL, GET, LIST)
+            ]
+            try:
+                task_status.started()
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for sub in subs:
+                        await _quiet_unsubscribe(sub)
+
+    run = serve
+
+    async def _worker(self, receive: MemoryObjectReceiveStream[Msg]) -> None:
+        async with receive:
+            async for msg in receive:
+                await self._serve(msg)
+
+    async def _serve(self, msg: Msg) -> None:
+        if not msg.reply:
+            log.warning("request on %s without a reply subject ignored", msg.subject)
+            return
+        try:
+            answer = await self.handle(msg.subject, msg.data)
+        except Exception as exc:  # one bad request never stops the service
+            log.exception("request on %s failed", msg.subject)
+            answer = _error("internal", f"internal error: {type(exc).__name__}: {exc}")
+        try:
+            await self.nc.publish(msg.reply, json.dumps(answer, default=str).encode())
+        except Exception as exc:
+            log.error("reply on %s failed: %s", msg.subject, exc)
+
+    async def handle(self, subject: str, data: bytes) -> dict[str, Any]:
+        """The reply to one request (also callable without NATS, for tests)."""
+        handlers = {
+            CREATE: self.create,
+            CANCEL: self.cancel,
+            GET: self.get,
+            LIST: self.list_tasks,
+        }
+        handler = handlers.get(subject)
+        try:
+            if handler is None:
+                raise ApiRequestError("invalid", f"no API on {subject}")
+            return await handler(_parse(data))
+        except TaskRequestError as exc:
+            return _error("invalid", str(exc), exc.field)
+        except ApiRequestError as exc:
+            return _error(exc.code, str(exc), exc.field)
+        except GpuwardenError as exc:
+            return _error("unavailable", str(exc))
+
+    # --- create ----------------------------------------------------------------------
+
+    async def create(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        valid = validate_create(request, self.shape)
+        key = (valid.owner, valid.request_id) if valid.request_id is not None else None
+        if key is not None and key in self.requests:
+            return await self._existing(self.requests[key], valid)
+        now = self.clock.now()
+        task_id = task_id_for_request(*key) if key is not None else self.ids(now)
+        event = valid.to_event(task_id, self.ids(now), now, ACTOR)
+        try:
+            (seq,) = await self.log.append(task_subject(task_id), [event], 0)
+        except ConcurrencyError:
+            return await self._existing(task_id, valid)
+        return {"task_id": task_id, "created": True, "seq": seq, "event": to_builtins(event)}
+
+    async def _existing(self, task_id: str, valid: ValidTask) -> dict[str, Any]:
+        """The task a repeated request id already created, if it asked for the same."""
+        submitted = await self._submitted(task_id)
+        if submitted is None:
+            raise ApiRequestError(
+                "conflict", f"task {task_id} exists but its submission is unreadable"
+            )
+        if not valid.same_request(submitted):
+            raise ApiRequestError(
+                "conflict",
+                f"request_id {valid.request_id!r} was already used for task {task_id} "
+                "with a different request",
+                "request_id",
+            )
+        seq = self.subject_seqs.get(task_subject(task_id), 0)
+        return {"task_id": task_id, "created": False, "seq": seq, "event": to_builtins(submitted)}
+
+    async def _submitted(self, task_id: str) -> TaskSubmitted | None:
+        task = self.state.tasks.get(task_id)
+        if task is not None:
+            return task.spec
+        async for record in self.log.read(1, subject=task_subject(task_id)):
+            if isinstance(record.event, TaskSubmitted):
+                return record.event
+        return None
+
+    # --- cancel ----------------------------------------------------------------------
+
+    async def cancel(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        task_id = _task_id(request)
+        reason = request.get("reason") or DEFAULT_CANCEL_REASON
+        if not isinstance(reason, str) or len(reason) > 1024:
+            raise ApiRequestError("invalid", "reason must be a string (<= 1024 chars)", "reason")
+        for _ in range(CANCEL_TRIES):
+            await self.sync()
+            task = self._task(task_id)
+            subject = task_subject(task_id)
+            now = self.clock.now()
+            current = task.current
+            event = TaskCancelled(
+                id=self.ids(now),
+                at=now,
+                actor=ACTOR,
+                correlation_id=task_id,
+                task_id=task_id,
+                reason=reason,
+                attempt=current.n if current is not None else None,
+            )
+            try:
+                (seq,) = await self.log.append(subject, [event], self.subject_seqs[subject])
+            except ConcurrencyError:
+                continue  # the task moved on meanwhile: look again
+            return {"task_id": task_id, "seq": seq, "event": to_builtins(event)}
+        raise ApiRequestError("conflict", f"task {task_id} kept changing; retry the cancel")
+
+    def _task(self, task_id: str, *, for_cancel: bool = True) -> TaskState:
+        task = self.state.tasks.get(task_id)
+        if task is None:
+            raise ApiRequestError("not_found", f"no task {task_id!r}", "task_id")
+        if for_cancel and task.status in TERMINAL:
+            raise ApiRequestError(
+                "conflict", f"task {task_id} is already {task.status}; nothing to cancel", "task_id"
+            )
+        return task
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def get(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        task_id = _task_id(request)
+        await self.sync()
+        return {"task": task_summary(self._task(task_id, for_cancel=False))}
+
+    async def list_tasks(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        status, owner = request.get("status"), request.get("owner")
+        limit = request.get("limit", LIST_LIMIT)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= LIST_LIMIT:
+            raise ApiRequestError("invalid", f"limit must be 1..{LIST_LIMIT}", "limit")
+        await self.sync()
+        tasks = [
+            task_summary(t)
+            for t in self.state.tasks.values()
+            if (status is None or t.status == status) and (owner is None or t.spec.owner == owner)
+        ]
+        return {"tasks": tasks[-limit:], "total": len(tasks)}
+
+
+def task_summary(task: TaskState) -> dict[str, Any]:
+    spec = task.spec
+    current = task.current
+    return {
+        "task_id": spec.task_id,
+        "name": spec.name,
+        "owner": spec.owner,
+        "image": spec.image,
+        "command": list(spec.command),
+        "gpus": spec.gpus,
+        "gpu_model": spec.gpu_model,
+        "status": task.status,
+        "pending_reason": task.pending_reason,
+        "attempt": current.n if current is not None else None,
+        "node": current.node if current is not None else None,
+        "gpu_uuids": list(current.gpu_uuids) if current is not None else [],
+        "rebuilds": task.rebuilds,
+        "failure": task.failure.reason if task.failure is not None else None,
+        "request_id": spec.request_id,
+    }
+
+
+def _parse(data: bytes) -> Mapping[str, Any]:
+    if len(data) > MAX_REQUEST_BYTES:
+        raise ApiRequestError("invalid", f"request is larger than {MAX_REQUEST_BYTES} bytes")
+    try:
+        request = json.loads(data)
+    except ValueError as exc:
+        raise ApiRequestError("invalid", f"request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ApiRequestError(
+            "invalid", f"request must be a JSON object, not {type(request).__name__}"
+        )
+    return request
+
+
+def _task_id(request: Mapping[str, Any]) -> str:
+    task_id = request.get("task_id")
+    if not isinstance(task_id, str) or not task_id:
+        raise ApiRequestError("invalid", "task_id is required (a string)", "task_id")
+    return task_id
+
+
+def _error(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "field": field, "message": message}}
+
+
+async def _quiet_unsubscribe(sub: Any) -> None:
+    try:
+        with anyio.fail_after(2):
+            await sub.unsubscribe()
+    except Exception as exc:
+        log.debug("unsubscribe failed: %s", exc)
