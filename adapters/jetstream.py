@@ -72,9 +72,14 @@ async def connect(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     name: str = "gpuwarden",
+    deadline_s: float = 10.0,
     **options: Any,
 ) -> NatsClient:
-    """A nats-py connection; `url` may list several servers separated by commas."""
+    """A nats-py connection; `url` may list several servers separated by commas.
+
+    Reconnects forever once connected, but the first connection has a deadline
+    (nats-py would otherwise retry an unreachable server forever).
+    """
     servers = [part.strip() for part in url.split(",") if part.strip()]
     settings: dict[str, Any] = {
         "name": name,
@@ -89,11 +94,13 @@ async def connect(
     if tls_ca or tls_cert:
         settings["tls"] = _tls_context(tls_ca, tls_cert, tls_key)
     try:
-        return await nats.connect(servers, **settings)
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
-        raise EventLogError(
-            f"cannot connect to NATS at {url}: {exc or type(exc).__name__}"
-        ) from exc
+        with anyio.fail_after(deadline_s):
+            return await nats.connect(servers, **settings)
+    except TimeoutError:
+        raise EventLogError(f"cannot connect to NATS at {url} within {deadline_s}s") from None
+    except (OSError, nats.errors.Error) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise EventLogError(f"cannot connect to NATS at {url}: {reason}") from exc
 
 
 def _tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
