@@ -15,6 +15,8 @@ resend after a crash is dropped by the server (and by the agent's labels).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -38,7 +40,7 @@ from gpuwarden.engine.events import (
 from gpuwarden.engine.ids import new_id
 from gpuwarden.engine.liveness import Liveness
 from gpuwarden.engine.metrics import EngineMetrics
-from gpuwarden.engine.policy import DEFAULT_POLICY, Policy
+from gpuwarden.engine.policy import DEFAULT_POLICY, Policy, policy_to_mapping
 from gpuwarden.engine.ports import (
     BASIS_HEADER,
     TRIGGER_HEADER,
@@ -62,6 +64,15 @@ log = logging.getLogger("gpuwarden.engine")
 MAX_EVENT_BYTES = 256 * 1024
 MAX_TRIGGERS_PER_ROUND = 512
 MAX_BATCH = 500
+# Header on every decision: a short hash of the policy that decided, so `replay --check`
+# can tell a log recorded under another policy from a decision that does not re-derive.
+POLICY_HEADER = "Gw-Policy"
+
+
+def policy_digest(policy: Policy) -> str:
+    """12 hex digits of SHA-256 over the policy's canonical JSON."""
+    text = json.dumps(policy_to_mapping(policy), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class DeadLetters(Protocol):
@@ -86,6 +97,7 @@ class Engine:
         self.bus = bus
         self.clock = clock
         self.policy = policy
+        self.policy_digest = policy_digest(policy)
         self.dead_letters = dead_letters
         self.metrics = metrics or EngineMetrics()
         self.liveness = liveness
@@ -180,7 +192,11 @@ class Engine:
             self.metrics.decision_latency.observe(time.perf_counter() - started)
 
     async def _commit(self, decisions: Sequence[Event], trigger_ids: str) -> bool:
-        headers = {BASIS_HEADER: str(self.folded), TRIGGER_HEADER: trigger_ids}
+        headers = {
+            BASIS_HEADER: str(self.folded),
+            TRIGGER_HEADER: trigger_ids,
+            POLICY_HEADER: self.policy_digest,
+        }
         seqs = dict(self.subject_seqs)
         for part in _parts(decisions):
             expected: dict[str, int] = {}
