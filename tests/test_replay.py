@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
@@ -31,6 +33,8 @@ from gpuwarden.engine.runtime import POLICY_HEADER, Engine, policy_digest
 from gpuwarden.projections import replay as rp
 from gpuwarden.projections.export import read_jsonl, write_jsonl
 from gpuwarden.projections.replay import summarize
+
+from tests.supervisor_driver import Driver
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 ALIVE = ("n1", "n2")  # nodes that keep beating; n3 goes silent at the end
@@ -442,3 +446,109 @@ def test_scenario_drill_logs_re_derive(
     status, out, _ = cli(["replay", "--from-file", str(export), "--check"], capsys)
     assert status == 0, out
     assert out.splitlines()[0].endswith(", 0 mismatches")
+
+
+# --- a round larger than one atomic batch ---------------------------------------------
+
+
+async def test_a_round_split_over_several_batches_re_derives_as_one(
+    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
+) -> None:
+    r = _Recorder(event_log, command_bus)
+    gpus = tuple(ev.GpuInfo(uuid=f"big/{i}", index=i, model="H100") for i in range(300))
+    await r.emit(ev.NodeRegistered, node="big", runtime="sim", gpus=gpus)
+    submissions = [
+        ev.TaskSubmitted(id=f"s{i:03d}", at=T0, actor="test", task_id=f"t{i:03d}", name="t",
+                         image="i", command=("x",))
+        for i in range(300)
+    ]  # fmt: skip
+    for event in submissions:  # no engine yet: its startup sweep places all at once
+        await event_log.append(ev.subject_of(event), [event])
+    await r.start()
+    await r.settle()
+    await r.stop()
+    records = [x async for x in event_log.read()]
+    decisions = [x for x in records if x.headers.get(TRIGGER_HEADER) == "reconcile"]
+    assert len(decisions) == 600 and len({x.headers.get("Nats-Batch-Id") for x in decisions}) > 1
+    result = await rp.check(records)
+    assert (result.rounds, result.mismatches, result.unverifiable) == (1, [], [])
+    last = decisions[-1]
+    assert isinstance(last.event, ev.TaskScheduled)
+    changed = msgspec.structs.replace(last.event, node="elsewhere")
+    tampered = [x if x is not last else msgspec.structs.replace(x, event=changed) for x in records]
+    [mismatch] = (await rp.check(tampered)).mismatches
+    assert (mismatch.seq, mismatch.first_seq, mismatch.last_seq) == (
+        last.seq,
+        decisions[0].seq,
+        last.seq,
+    )
+
+
+# --- pure: logs from the in-memory driver ---------------------------------------------
+
+
+def driver_records(d: Driver) -> list[StoredEvent]:
+    """The driver's log as stored records, its decisions with basis/trigger headers."""
+    headers: dict[int, dict[str, str]] = {}
+    for basis, trigger, group in d.decisions:
+        for event in group:
+            headers[id(event)] = {BASIS_HEADER: str(basis), TRIGGER_HEADER: trigger}
+    return [
+        StoredEvent(seq=n, subject=ev.subject_of(e), event=e, headers=headers.get(id(e), {}))
+        for n, e in enumerate(d.log, start=1)
+    ]
+
+
+def driven() -> Driver:
+    d = Driver()
+    d.node("n1", 2)
+    for task in ("a", "b", "c"):
+        d.submit(task)
+    d.exit("a", 1)
+    d.xid(d.attempt("b").gpu_uuids[0], 79)
+    d.advance(2)
+    d.advance(30)
+    return d
+
+
+async def test_a_driver_log_re_derives_round_by_round() -> None:
+    d = driven()
+    result = await rp.check(driver_records(d))
+    assert (result.rounds, result.mismatches, result.unverifiable) == (len(d.decisions), [], [])
+    assert result.events == len(d.log)
+
+
+async def test_progress_reports_the_records_read() -> None:
+    records = driver_records(driven())  # shorter than PROGRESS_EVERY: only the final count
+    seen: list[int] = []
+    await rp.check(records, progress=seen.append)
+    assert seen == [len(records)]
+
+
+async def test_a_round_whose_trigger_is_not_in_the_log_is_unverifiable() -> None:
+    records = driver_records(driven())
+    victim = next(r for r in records if r.headers.get(TRIGGER_HEADER, "timer") != "timer")
+    key = rp.round_key(victim)
+    bad = [
+        msgspec.structs.replace(r, headers={**r.headers, TRIGGER_HEADER: "nope"})
+        if rp.round_key(r) == key
+        else r
+        for r in records
+    ]
+    result = await rp.check(bad)
+    assert result.mismatches == []
+    [skipped] = result.unverifiable
+    assert skipped.seq == victim.seq and "trigger nope is not in the log" in skipped.reason
+
+
+async def test_state_at_reads_async_and_sync_sources_alike() -> None:
+    records = driver_records(driven())
+
+    async def stream() -> AsyncIterator[StoredEvent]:
+        for r in records:
+            yield r
+
+    sync, asyn = await rp.state_at(records, until_seq=5), await rp.state_at(stream(), until_seq=5)
+    assert sync.seq == asyn.seq == 5 and sync.state == asyn.state
+    with pytest.raises(rp.ReplayError):
+        await rp.state_at(records, until_seq=1, until_time=T0)
