@@ -537,6 +537,11 @@ class JetStreamEventLog:
             seqs = list(range(start, start + len(events)))
             if await self._ids_at(seqs, events):
                 return seqs
+        # Another writer stored some of these (derived) ids in its own decision: the
+        # subjects moved on, so it is a lost compare-and-set, not a broken log.
+        stale = await self._stale_batch(expected)
+        if stale.actual is not None:
+            raise stale
         raise EventLogError(
             "atomic batch refused as a duplicate, but it is not stored whole: "
             "some of its event ids were appended before in another write"
@@ -725,7 +730,11 @@ class JetStreamCommandBus:
             return msgs
         except (nats.errors.TimeoutError, TimeoutError):
             return []
-        except nats.errors.ConnectionReconnectingError:
+        except (nats.errors.ConnectionReconnectingError, nats.js.errors.ServiceUnavailableError):
+            await anyio.sleep(self.poll_s)  # the server is restarting: ride it out
+            return []
+        except nats.js.errors.APIError as exc:
+            log.warning("fetching commands failed, retrying: %s", exc)
             await anyio.sleep(self.poll_s)
             return []
 
