@@ -433,7 +433,7 @@ class _Round:
         self.state = state
         self.now = now
         self.events: list[Event] = []
-        self.taken: set[str] = set()  # GPUs allocated in this round
+        self.taken: set[str] = set()  # GPUs allocated (or quarantined) in this round
         self.released: set[str] = set()  # GPUs released in this round
         self.concluded: set[tuple[str, int]] = set()  # attempts classified in this round
         self.place = False  # run a placement round at the end
@@ -760,6 +760,8 @@ _DECIDE: dict[type[Any], Callable[[_Round, Any], None]] = {
 def _placement_round(r: _Round) -> None:
     """Place waiting tasks in submission order, each on GPUs free at this moment."""
     state = r.state
+    # A GPU this round quarantines is not folded yet: keep it out of this round's picks.
+    r.taken.update(e.gpu_uuid for e in r.events if isinstance(e, GpuQuarantined))
     tasks = sorted((state.tasks[t] for t in state.waiting), key=lambda t: t.order)
     for task in tasks:
         rebuild = task.rebuild

@@ -710,3 +710,17 @@ def test_a_pending_reason_that_comes_back_gets_a_new_event_id() -> None:
     assert len(reasons) == 3 and reasons[0] == reasons[-1] != reasons[1]
     ids = [e.id for e in d.log]
     assert len(ids) == len(set(ids))
+
+
+def test_a_gpu_quarantined_in_a_round_is_not_allocated_in_the_same_round() -> None:
+    """An Xid and a due backoff decided together (one burst): the rebuild avoids the GPU."""
+    d = Driver()
+    d.node("a", 2)
+    running(d)
+    d.exit("t1", 137)
+    d.advance(1)
+    rebuild = only(d.of_type(ev.RebuildDecided, "t1"))
+    d.now = rebuild.not_before  # the Xid lands exactly when the backoff is due
+    d.xid("a/0", 48)
+    assert d.state.gpus["a/0"].quarantined
+    assert d.attempt("t1").gpu_uuids == ("a/1",)

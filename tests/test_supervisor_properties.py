@@ -71,6 +71,7 @@ step = st.one_of(
     st.tuples(st.just("start_failed"), index, st.sampled_from(START_ERRORS)),
     st.tuples(st.just("xid"), index, st.sampled_from(XIDS)),
     st.tuples(st.just("task_xid"), index, st.sampled_from(XIDS)),
+    st.tuples(st.just("xid_at_due"), index, st.sampled_from(XIDS)),
     st.tuples(st.just("node_down"), index),
     st.tuples(st.just("node_up"), index),
     st.tuples(st.just("restore"), index),
@@ -128,10 +129,14 @@ def play(d: Driver, action: tuple[Any, ...]) -> None:
         advance(d, action[1])
     elif kind == "stranger":
         stranger(d, action[1])
-    elif kind in ("xid", "restore", "node_down", "node_up"):
+    elif kind in ("xid", "xid_at_due", "restore", "node_down", "node_up"):
         gpu = pick(gpus, action[1])
         node = pick(nodes, action[1])
-        if kind == "xid":
+        if kind == "xid_at_due":  # an Xid and a due timer in one round
+            due = next_due(d.state)
+            d.now = max(d.now, due) if due is not None else d.now
+            d.xid(gpu, action[2])
+        elif kind == "xid":
             d.xid(gpu, action[2])
         elif kind == "restore" and d.state.gpus[gpu].quarantined:
             d.emit(ev.GpuRestored, gpu_uuid=gpu, node=d.state.gpus[gpu].node, reason="reset")
