@@ -31,6 +31,7 @@ COMMAND_MODULES: list[str] = [
     "gpuwarden.engine.service",
     "gpuwarden.adapters.api_cli",
     "gpuwarden.projections.replay_cli",
+    "gpuwarden.adapters.scenario_cli",
 ]
 
 EXIT_ERROR = 2
