@@ -64,30 +64,41 @@ _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 @dataclass(frozen=True, slots=True)
 class ClusterShape:
-    """What the registered nodes offer, as far as a request's validity is concerned."""
+    """What the registered nodes offer, as far as a request's validity is concerned.
+
+    The summaries are computed once per registration, not once per request: a
+    create request is checked against them in constant time on the fast path.
+    """
 
     nodes: Mapping[str, tuple[GpuInfo, ...]] = field(default_factory=dict)
+    models: Mapping[str, str] = field(init=False)  # lower-cased -> as nodes spell it
+    max_gpus: int = field(init=False)
+    max_gpu_memory_mb: int = field(init=False)
+    max_of_model: Mapping[str, int] = field(init=False)  # most GPUs of a model on one node
+
+    def __post_init__(self) -> None:
+        gpus = [g for node in self.nodes.values() for g in node]
+        per_model: dict[str, int] = {}
+        for node in self.nodes.values():
+            counts: dict[str, int] = {}
+            for g in node:
+                counts[g.model.lower()] = counts.get(g.model.lower(), 0) + 1
+            for model, count in counts.items():
+                per_model[model] = max(per_model.get(model, 0), count)
+        object.__setattr__(self, "models", {g.model.lower(): g.model for g in gpus})
+        object.__setattr__(self, "max_gpus", max(map(len, self.nodes.values()), default=0))
+        object.__setattr__(self, "max_gpu_memory_mb", max((g.memory_mb for g in gpus), default=0))
+        object.__setattr__(self, "max_of_model", per_model)
 
     @property
     def known(self) -> bool:
         return bool(self.nodes)
 
-    @property
-    def models(self) -> dict[str, str]:
-        """Lower-cased model name -> the spelling nodes report."""
-        return {g.model.lower(): g.model for gpus in self.nodes.values() for g in gpus}
-
-    @property
-    def max_gpus(self) -> int:
-        return max((len(gpus) for gpus in self.nodes.values()), default=0)
-
-    @property
-    def max_gpu_memory_mb(self) -> int:
-        return max((g.memory_mb for gpus in self.nodes.values() for g in gpus), default=0)
-
     def most_fitting(self, model: str | None, min_memory_mb: int) -> int:
         """The most GPUs one node has that match a model and memory floor."""
         wanted = model.lower() if model is not None else None
+        if min_memory_mb <= 0:
+            return self.max_gpus if wanted is None else self.max_of_model.get(wanted, 0)
         return max(
             (
                 sum(
