@@ -75,6 +75,7 @@ class ApiService:
         *,
         workers: int = 64,
         sync_timeout_s: float = 5.0,
+        ready_timeout_s: float = 300.0,
     ) -> None:
         self.nc = nc
         self.log = log
@@ -82,6 +83,7 @@ class ApiService:
         self.ids = ids
         self.workers = workers
         self.sync_timeout_s = sync_timeout_s
+        self.ready_timeout_s = ready_timeout_s  # catching up on a long log before serving
         self.shape = ClusterShape()
         self.state: State = initial_state()
         self.requests: dict[tuple[str, str], str] = {}  # (owner, request id) -> task id
@@ -143,7 +145,7 @@ class ApiService:
 
         async with anyio.create_task_group() as tg:
             await tg.start(self._follow)
-            with anyio.fail_after(self.sync_timeout_s * 6):
+            with anyio.fail_after(self.ready_timeout_s):
                 await self.ready.wait()
             for _ in range(self.workers):
                 tg.start_soon(self._worker, receive.clone())
