@@ -159,12 +159,17 @@ class SimRuntime:
         self.beat(now)
 
     async def serve(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self,
+        only: Iterable[str] | None = None,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Consume every node's commands until cancelled."""
+        """Consume every node's commands (or only those named) until cancelled."""
+        names = set(self.nodes) if only is None else set(only)
         async with anyio.create_task_group() as tg:
             for node in self.nodes.values():
-                tg.start_soon(self._serve_node, node)
+                if node.name in names:
+                    tg.start_soon(self._serve_node, node)
             task_status.started()
 
     async def _serve_node(self, node: SimNode) -> None:
