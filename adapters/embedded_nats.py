@@ -264,7 +264,6 @@ class EmbeddedNats:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                start_new_session=True,
             )
         except OSError as exc:
             raise NatsServerError(f"cannot start {binary}: {exc}") from exc

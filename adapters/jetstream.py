@@ -612,18 +612,7 @@ class JetStreamEventLog:
         """An ordered push consumer: the fastest replay, and it resets itself from the last
         delivered sequence after a gap or a server restart (missed heartbeats)."""
         feed = _Feed()
-        try:
-            sub = await self.js.subscribe(
-                subject or EVENT_SUBJECTS,
-                stream=EVENTS_STREAM,
-                cb=feed.put,
-                ordered_consumer=True,
-                idle_heartbeat=self.heartbeat_s,
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                config=api.ConsumerConfig(opt_start_seq=max(from_seq, 1)),
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise EventLogError(f"cannot read {EVENTS_STREAM}: {exc}") from exc
+        sub = await self._ordered_consumer(feed, from_seq, subject)
         buffer = feed.buffer
         try:
             while True:
@@ -635,6 +624,28 @@ class JetStreamEventLog:
         finally:
             with anyio.CancelScope(shield=True):
                 await _unsubscribe(sub)
+
+    async def _ordered_consumer(self, feed: _Feed, from_seq: int, subject: str | None) -> Any:
+        """Create the consumer, retrying while a cluster is electing a stream leader."""
+        last: Exception | None = None
+        with anyio.move_on_after(self.timeout_s * 3):
+            while True:
+                try:
+                    return await self.js.subscribe(
+                        subject or EVENT_SUBJECTS,
+                        stream=EVENTS_STREAM,
+                        cb=feed.put,
+                        ordered_consumer=True,
+                        idle_heartbeat=self.heartbeat_s,
+                        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                        config=api.ConsumerConfig(opt_start_seq=max(from_seq, 1)),
+                    )
+                except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                    last = exc
+                except (nats.errors.Error, TimeoutError) as exc:
+                    raise EventLogError(f"cannot read {EVENTS_STREAM}: {exc}") from exc
+                await anyio.sleep(0.1)
+        raise EventLogError(f"cannot read {EVENTS_STREAM}: {last or 'timed out'}")
 
 
 async def _unsubscribe(sub: Any) -> None:
