@@ -1,0 +1,82 @@
+"""Node heartbeats on core NATS: proof of life that must never reach the event log.
+
+A beat every second from every node would drown the audit log in noise, so beats go
+on plain (fire-and-forget) subjects `gw.hb.<node>`; only their absence becomes an
+event (`node.lost`, appended by the engine's Liveness). The engine stamps a beat with
+its own clock on receipt, so the agent's `at` is informative only: a skewed agent
+clock can neither kill nor revive a node.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Protocol
+
+import anyio
+import msgspec
+import nats.errors
+from gpuwarden.engine.events import subject_token
+from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.liveness import Liveness
+from gpuwarden.engine.ports import Clock
+from nats.aio.client import Client as NatsClient
+
+log = logging.getLogger("gpuwarden.heartbeats")
+
+HEARTBEAT_PREFIX = "gw.hb."
+HEARTBEAT_SUBJECTS = "gw.hb.*"
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    node: str
+    at: datetime
+    agent: str  # this agent process's instance id: a restart shows as a new one
+
+
+class HeartbeatSource(Protocol):
+    def listen(self) -> AsyncIterator[str]: ...
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Heartbeat)
+
+
+def heartbeat_subject(node: str) -> str:
+    return HEARTBEAT_PREFIX + subject_token(node)
+
+
+class NatsHeartbeats:
+    """Send and receive beats over one NATS connection."""
+
+    def __init__(self, nc: NatsClient, *, instance: str | None = None) -> None:
+        self.nc = nc
+        self.instance = instance or new_id()
+
+    async def beat(self, node: str) -> None:
+        payload = _encoder.encode(Heartbeat(node=node, at=datetime.now(UTC), agent=self.instance))
+        await self.nc.publish(heartbeat_subject(node), payload)
+
+    async def listen(self) -> AsyncIterator[str]:
+        """Node names, one per beat received, until the caller stops iterating."""
+        sub = await self.nc.subscribe(HEARTBEAT_SUBJECTS)
+        try:
+            async for msg in sub.messages:
+                try:
+                    yield _decoder.decode(msg.data).node
+                except msgspec.DecodeError as exc:  # a stranger on our subject: say so, go on
+                    log.warning("ignoring malformed heartbeat on %s: %s", msg.subject, exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    with anyio.fail_after(2):
+                        await sub.unsubscribe()
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.debug("heartbeat unsubscribe failed: %s", exc)
+
+
+async def feed_liveness(heartbeats: HeartbeatSource, liveness: Liveness, clock: Clock) -> None:
+    """Run beside the engine: every beat received refreshes its node in Liveness."""
+    async for node in heartbeats.listen():
+        liveness.beat(node, clock.now())

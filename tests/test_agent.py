@@ -1,0 +1,354 @@
+"""The node agent against a real Docker Engine and a real nats-server.
+
+Commands go in on the command bus exactly as the engine sends them; what comes out is
+read back from the event log. Every wait has a deadline and waits on the log itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import docker
+import msgspec
+import pytest
+from gpuwarden.adapters.agent import Agent, ForeignNodeError
+from gpuwarden.adapters.docker_runtime import (
+    ATTEMPT_LABEL,
+    NODE_LABEL,
+    TASK_LABEL,
+    DockerRuntime,
+)
+from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness, heartbeat_subject
+from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
+from gpuwarden.adapters.nvml_probe import declared_inventory
+from gpuwarden.engine import events as ev
+from gpuwarden.engine.clock import SystemClock
+from gpuwarden.engine.commands import RunCommand
+from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.liveness import Liveness
+from gpuwarden.engine.ports import StoredEvent
+
+from tests.fixtures.docker import DockerJanitor
+
+DEADLINE_S = 15
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+class Node:
+    """One agent under test, restartable, with the helpers a test drives it through."""
+
+    def __init__(
+        self,
+        log: JetStreamEventLog,
+        bus: JetStreamCommandBus,
+        client: docker.DockerClient,
+        janitor: DockerJanitor,
+        name: str | None = None,
+    ) -> None:
+        self.log = log
+        self.bus = bus
+        self.name = name or janitor.node
+        self.runtime = DockerRuntime(client, self.name, gpu_mode="declared", labels=janitor.labels)
+        self.heartbeats = NatsHeartbeats(log.nc)
+        self.agent: Agent | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def make_agent(self) -> Agent:
+        return Agent(
+            self.name,
+            self.log,
+            self.bus,
+            self.runtime,
+            declared_inventory(self.name, 2, "H100", 81920),
+            heartbeats=self.heartbeats,
+            clock=SystemClock(),
+            heartbeat_s=0.2,
+            inventory_source="declared",
+            stop_timeout_s=1,
+        )
+
+    async def start(self) -> Agent:
+        self.agent = self.make_agent()
+        self.task = asyncio.create_task(self.agent.run())
+        ready = asyncio.create_task(self.agent.ready.wait())
+        done, _ = await asyncio.wait(
+            {self.task, ready}, timeout=DEADLINE_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self.task in done:
+            ready.cancel()
+            self.task.result()  # raises what killed it
+            raise AssertionError("agent ended before it was ready")
+        assert ready in done, "agent not ready in time"
+        return self.agent
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+    async def send_run(self, image: str, argv: list[str], **kw: Any) -> RunCommand:
+        """Log the task and its attempt as the engine would, then send the run command."""
+        task_id = f"t-{uuid.uuid4().hex[:10]}"
+        now = datetime.now(UTC)
+        submitted = ev.TaskSubmitted(
+            id=new_id(),
+            at=now,
+            actor="api",
+            task_id=task_id,
+            name=task_id,
+            image=image,
+            command=tuple(argv),
+        )
+        scheduled = ev.TaskScheduled(
+            id=new_id(),
+            at=now,
+            actor="engine",
+            task_id=task_id,
+            attempt=1,
+            node=self.name,
+            gpu_uuids=(),
+        )
+        await self.log.append(ev.task_subject(task_id), [submitted, scheduled])
+        command = RunCommand(
+            id=new_id(),
+            node=self.name,
+            task_id=task_id,
+            attempt=1,
+            causation_id=scheduled.id,
+            image=image,
+            command=tuple(argv),
+            **kw,
+        )
+        await self.bus.send(command)
+        return command
+
+
+@pytest.fixture
+async def node(
+    event_log: JetStreamEventLog,
+    command_bus: JetStreamCommandBus,
+    docker_client: docker.DockerClient,
+    docker_janitor: DockerJanitor,
+) -> AsyncIterator[Node]:
+    n = Node(event_log, command_bus, docker_client, docker_janitor)
+    try:
+        yield n
+    finally:
+        await n.stop()
+
+
+async def wait_event(
+    log: JetStreamEventLog, predicate: Callable[[ev.Event], bool], timeout_s: float = DEADLINE_S
+) -> StoredEvent:
+    """The first event in the log (already there or still to come) that matches."""
+    with anyio.fail_after(timeout_s):
+        async with aclosing(log.subscribe(1)) as records:  # type: ignore[type-var]
+            async for record in records:
+                if record.event is not None and predicate(record.event):
+                    return record
+    raise AssertionError("the log ended")
+
+
+def about(task_id: str, kind: type[Any]) -> Callable[[ev.Event], bool]:
+    return lambda e: isinstance(e, kind) and getattr(e, "task_id", None) == task_id
+
+
+async def task_events(log: JetStreamEventLog, task_id: str) -> list[ev.Event]:
+    return [r.event async for r in log.read(subject=ev.task_subject(task_id)) if r.event]
+
+
+# --- containers run and end as the log says -------------------------------------------
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("code", [0, 3])
+async def test_exit_code_becomes_container_exited(node: Node, test_image: str, code: int) -> None:
+    await node.start()
+    command = await node.send_run(test_image, ["sh", "-c", f"exit {code}"])
+    exited = await wait_event(node.log, about(command.task_id, ev.ContainerExited))
+    assert isinstance(exited.event, ev.ContainerExited)
+    assert (exited.event.exit_code, exited.event.signal, exited.event.oom_killed) == (
+        code,
+        None,
+        False,
+    )
+    assert exited.event.actor == f"agent:{node.name}" and exited.event.node == node.name
+    types = [ev.type_of(e) for e in await task_events(node.log, command.task_id)]
+    assert types[2:] == ["container.started", "container.exited"], "start first, each once"
+
+
+@pytest.mark.docker
+async def test_kill_is_signal_9_without_oom(
+    node: Node, test_image: str, docker_client: docker.DockerClient
+) -> None:
+    await node.start()
+    command = await node.send_run(test_image, ["sleep", "30"])
+    started = await wait_event(node.log, about(command.task_id, ev.ContainerStarted))
+    assert isinstance(started.event, ev.ContainerStarted)
+    assert started.event.causation_id == command.causation_id
+    await anyio.to_thread.run_sync(docker_client.api.kill, started.event.container_id)
+    exited = await wait_event(node.log, about(command.task_id, ev.ContainerExited))
+    assert isinstance(exited.event, ev.ContainerExited)
+    assert (exited.event.exit_code, exited.event.signal, exited.event.oom_killed) == (
+        137,
+        9,
+        False,
+    )
+
+
+@pytest.mark.docker
+async def test_memory_limit_breach_is_oom_killed(node: Node, test_image: str) -> None:
+    await node.start()
+    hog = ["sh", "-c", "x=a; while true; do x=$x$x; done"]
+    command = await node.send_run(test_image, hog, memory_mb=16)
+    exited = await wait_event(node.log, about(command.task_id, ev.ContainerExited))
+    assert isinstance(exited.event, ev.ContainerExited)
+    assert exited.event.oom_killed is True
+    assert exited.event.exit_code == 137
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(
+    ("image", "argv", "daemon_says"),
+    [
+        (f"gpuwarden-missing-{uuid.uuid4().hex[:8]}:latest", ["true"], "No such image"),
+        (None, ["no-such-program"], "executable file not found"),
+    ],
+)
+async def test_start_failure_carries_the_daemons_message(
+    node: Node, test_image: str, image: str | None, argv: list[str], daemon_says: str
+) -> None:
+    await node.start()
+    command = await node.send_run(image or test_image, argv)
+    failed = await wait_event(node.log, about(command.task_id, ev.ContainerStartFailed))
+    assert isinstance(failed.event, ev.ContainerStartFailed)
+    assert daemon_says in failed.event.error
+    assert failed.event.causation_id == command.causation_id
+    assert "container.started" not in [
+        ev.type_of(e) for e in await task_events(node.log, command.task_id)
+    ]
+
+
+# --- registration, restarts, reconciliation -------------------------------------------
+
+
+@pytest.mark.docker
+async def test_registers_a_declared_inventory_and_says_so(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="gpuwarden.agent"):
+        await node.start()
+    assert "declared inventory: 2 GPUs (H100), GPU health not watched" in caplog.text
+    registered = await wait_event(node.log, lambda e: isinstance(e, ev.NodeRegistered))
+    assert isinstance(registered.event, ev.NodeRegistered)
+    assert registered.event.declared and registered.event.runtime == "docker"
+    assert [g.uuid for g in registered.event.gpus] == [
+        f"GPU-declared-{node.name}-0",
+        f"GPU-declared-{node.name}-1",
+    ]
+
+
+@pytest.mark.docker
+async def test_exit_while_the_agent_was_away_is_logged_exactly_once(
+    node: Node, test_image: str, docker_client: docker.DockerClient
+) -> None:
+    await node.start()
+    command = await node.send_run(test_image, ["sleep", "30"])
+    started = await wait_event(node.log, about(command.task_id, ev.ContainerStarted))
+    assert isinstance(started.event, ev.ContainerStarted)
+    container_id = started.event.container_id
+    await node.stop()  # the agent dies; its container lives on
+    await anyio.to_thread.run_sync(docker_client.api.kill, container_id)
+    await node.runtime.wait_exit(container_id, timeout_s=DEADLINE_S)
+    await node.start()
+    exited = await wait_event(node.log, about(command.task_id, ev.ContainerExited))
+    assert isinstance(exited.event, ev.ContainerExited)
+    assert (exited.event.container_id, exited.event.exit_code) == (container_id, 137)
+    await node.stop()
+    await node.start()  # a second restart must not log it again either
+    types = [ev.type_of(e) for e in await task_events(node.log, command.task_id)]
+    assert types.count("container.exited") == 1
+    assert types.count("container.started") == 1
+    node_events = [r.event async for r in node.log.read(subject=ev.node_subject(node.name))]
+    assert len(node_events) == 1, "an unchanged inventory is registered once"
+
+
+@pytest.mark.docker
+async def test_unknown_labelled_container_is_reported_not_killed(
+    node: Node,
+    test_image: str,
+    docker_client: docker.DockerClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    labels = {
+        **node.runtime.extra_labels,
+        TASK_LABEL: "ghost-task",
+        ATTEMPT_LABEL: "1",
+        NODE_LABEL: node.name,
+    }
+    ghost = await anyio.to_thread.run_sync(
+        lambda: docker_client.containers.run(
+            test_image, ["sleep", "30"], labels=labels, network_mode="none", detach=True
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="gpuwarden.agent"):
+        agent = await node.start()
+    assert [c.container_id for c in agent.unknown] == [ghost.id]
+    assert "ghost-task" in caplog.text
+    ghost.reload()
+    assert ghost.status == "running"
+
+
+# --- the guard and heartbeats ---------------------------------------------------------
+
+
+@pytest.mark.docker
+async def test_the_guard_refuses_events_about_another_node(node: Node) -> None:
+    agent = node.make_agent()
+    foreign = ev.ContainerExited(
+        id=new_id(),
+        at=datetime.now(UTC),
+        actor=f"agent:{node.name}",
+        task_id="t1",
+        attempt=1,
+        node="some-other-node",
+        container_id="c1",
+        exit_code=0,
+    )
+    before = await node.log.last_seq()
+    with pytest.raises(ForeignNodeError, match="some-other-node"):
+        await agent.record(foreign)
+    assert await node.log.last_seq() == before
+    await agent.record(msgspec.structs.replace(foreign, node=node.name))
+    assert await node.log.last_seq() == before + 1
+
+
+async def test_heartbeats_feed_liveness_and_stay_out_of_the_log(
+    event_log: JetStreamEventLog,
+) -> None:
+    heartbeats = NatsHeartbeats(event_log.nc)
+    liveness = Liveness(node_lost_after_s=1.0)
+    feeder = asyncio.create_task(feed_liveness(heartbeats, liveness, SystemClock()))
+    try:
+        with anyio.fail_after(5):
+            while "node.a b" not in liveness.last_seen:  # a name that needs escaping
+                await heartbeats.beat("node.a b")
+                await anyio.sleep(0.05)  # paces the beats; the deadline bounds the wait
+    finally:
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeder
+    assert heartbeat_subject("node.a b").count(".") == 2
+    assert await event_log.last_seq() == 0, "heartbeats are not events"
