@@ -45,11 +45,17 @@ class Liveness:
         return seen
 
     def next_due(self, state: State) -> datetime | None:
-        dues = [
-            seen + self.after
-            for name, node in state.nodes.items()
-            if node.alive and name not in self.pending and (seen := self._seen(name)) is not None
-        ]
+        """When check() next has something to say: a silence running out, or a lost node
+        that beat again (due at once, or its recovery would wait for unrelated events)."""
+        dues = []
+        for name, node in state.nodes.items():
+            seen = self._seen(name)
+            if name in self.pending or seen is None:
+                continue
+            if node.alive:
+                dues.append(seen + self.after)
+            elif node.lost is not None and seen > node.lost.at:
+                dues.append(seen)
         return min(dues) if dues else None
 
     def check(self, state: State, now: datetime, base_id: str) -> list[Event]:
