@@ -54,10 +54,12 @@ class Node:
         client: docker.DockerClient,
         janitor: DockerJanitor,
         name: str | None = None,
+        gpus: int = 2,
     ) -> None:
         self.log = log
         self.bus = bus
         self.name = name or janitor.node
+        self.gpus = gpus
         self.runtime = DockerRuntime(client, self.name, gpu_mode="declared", labels=janitor.labels)
         self.heartbeats = NatsHeartbeats(log.nc)
         self.agent: Agent | None = None
@@ -69,7 +71,7 @@ class Node:
             self.log,
             self.bus,
             self.runtime,
-            declared_inventory(self.name, 2, "H100", 81920),
+            declared_inventory(self.name, self.gpus, "H100", 81920),
             heartbeats=self.heartbeats,
             clock=SystemClock(),
             heartbeat_s=0.2,

@@ -1,0 +1,200 @@
+"""gpuwarden end to end: the real engine, real agents, real Docker, a real nats-server.
+
+A task is submitted the way the API does it (a `task.submitted` in the log); from
+there on only the engine (SystemClock, a fast policy) and the agents act, through the
+log, the command bus and the heartbeats. The tests then break things the way
+production does -- `docker kill`, a crashing process, a memory limit, an agent that
+goes silent -- and read the verdicts back from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+import anyio
+import docker
+import pytest
+from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
+from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
+from gpuwarden.engine import events as ev
+from gpuwarden.engine.clock import SystemClock
+from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.liveness import Liveness
+from gpuwarden.engine.policy import Policy
+from gpuwarden.engine.runtime import Engine
+
+from tests.fixtures.docker import DockerJanitor
+from tests.test_agent import Node, task_events, wait_event
+
+pytestmark = pytest.mark.docker
+
+POLICY = Policy(evidence_window_s=0.3, backoff_initial_s=0.2, node_lost_after_s=1.0)
+SLEEPER = ["sh", "-c", "sleep 60"]
+
+
+class Cluster:
+    """One engine, its liveness fed by heartbeats, and the nodes' agents."""
+
+    def __init__(
+        self,
+        log: JetStreamEventLog,
+        bus: JetStreamCommandBus,
+        client: docker.DockerClient,
+        janitor: DockerJanitor,
+        image: str,
+    ) -> None:
+        self.log = log
+        self.bus = bus
+        self.client = client
+        self.janitor = janitor
+        self.image = image
+        self.liveness = Liveness(POLICY.node_lost_after_s)
+        self.engine = Engine(log, bus, SystemClock(), POLICY, liveness=self.liveness)
+        self.nodes: dict[str, Node] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, node_names: list[str]) -> None:
+        heartbeats = NatsHeartbeats(self.log.nc)
+        self.tasks.append(
+            asyncio.create_task(feed_liveness(heartbeats, self.liveness, SystemClock()))
+        )
+        self.tasks.append(asyncio.create_task(self.engine.run()))
+        with anyio.fail_after(10):
+            await self.engine.caught_up.wait()
+        for name in node_names:
+            node = Node(self.log, self.bus, self.client, self.janitor, name=name, gpus=1)
+            self.nodes[name] = node
+            await node.start()
+
+    async def stop(self) -> None:
+        for node in self.nodes.values():
+            await node.stop()
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def submit(self, argv: list[str], *, memory_mb: int | None = None) -> str:
+        task_id = f"e2e-{uuid.uuid4().hex[:10]}"
+        submitted = ev.TaskSubmitted(
+            id=new_id(),
+            at=datetime.now(UTC),
+            actor="api",
+            correlation_id=task_id,
+            task_id=task_id,
+            name=task_id,
+            image=self.image,
+            command=tuple(argv),
+            gpus=1,
+            memory_mb=memory_mb,
+        )
+        await self.log.append(ev.task_subject(task_id), [submitted], 0)
+        return task_id
+
+    async def started(self, task_id: str, attempt: int) -> ev.ContainerStarted:
+        record = await wait_event(self.log, attempt_is(task_id, attempt, ev.ContainerStarted))
+        assert isinstance(record.event, ev.ContainerStarted)
+        return record.event
+
+    async def verdict(self, task_id: str, attempt: int) -> str:
+        record = await wait_event(self.log, attempt_is(task_id, attempt, ev.FaultClassified))
+        assert isinstance(record.event, ev.FaultClassified)
+        return record.event.fault
+
+    def running(self, container_id: str) -> bool:
+        return bool(self.client.api.inspect_container(container_id)["State"]["Running"])
+
+
+def attempt_is(task_id: str, attempt: int, kind: type[ev.Event]) -> Callable[[ev.Event], bool]:
+    return lambda e: (
+        isinstance(e, kind)
+        and getattr(e, "task_id", None) == task_id
+        and getattr(e, "attempt", None) == attempt
+    )
+
+
+@pytest.fixture
+async def cluster(
+    event_log: JetStreamEventLog,
+    command_bus: JetStreamCommandBus,
+    docker_client: docker.DockerClient,
+    docker_janitor: DockerJanitor,
+    test_image: str,
+) -> AsyncIterator[Cluster]:
+    c = Cluster(event_log, command_bus, docker_client, docker_janitor, test_image)
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+async def test_killed_container_is_preempted_and_rebuilt(cluster: Cluster) -> None:
+    await cluster.start([cluster.janitor.node])
+    task_id = await cluster.submit(SLEEPER)
+    first = await cluster.started(task_id, 1)
+    await anyio.to_thread.run_sync(cluster.client.api.kill, first.container_id)
+    assert await cluster.verdict(task_id, 1) == "preempted"
+    second = await cluster.started(task_id, 2)
+    assert second.container_id != first.container_id
+    assert cluster.running(second.container_id)
+
+
+async def test_exit_1_is_a_user_error_that_fails_the_task_and_frees_its_gpu(
+    cluster: Cluster,
+) -> None:
+    await cluster.start([cluster.janitor.node])
+    task_id = await cluster.submit(["sh", "-c", "exit 1"])
+    assert await cluster.verdict(task_id, 1) == "user_error"
+    await wait_event(cluster.log, attempt_is(task_id, 1, ev.GpuReleased))
+    types = [ev.type_of(e) for e in await task_events(cluster.log, task_id)]
+    assert "task.failed" in types and "rebuild.decided" not in types
+    await cluster.engine.wait_idle()
+    assert cluster.engine.state.tasks[task_id].status == "failed"
+    assert all(gpu.holder is None for gpu in cluster.engine.state.gpus.values())
+
+
+async def test_oom_kill_is_container_oom_and_not_rebuilt(cluster: Cluster) -> None:
+    await cluster.start([cluster.janitor.node])
+    hog = ["sh", "-c", "x=a; while true; do x=$x$x; done"]
+    task_id = await cluster.submit(hog, memory_mb=16)
+    assert await cluster.verdict(task_id, 1) == "container_oom"
+    await wait_event(cluster.log, attempt_is(task_id, 1, ev.GpuReleased))
+    types = [ev.type_of(e) for e in await task_events(cluster.log, task_id)]
+    assert "task.failed" in types and "rebuild.decided" not in types
+
+
+async def test_lost_node_is_rebuilt_elsewhere_and_its_stale_container_stopped(
+    cluster: Cluster,
+) -> None:
+    names = [cluster.janitor.node, f"{cluster.janitor.node}-b"]
+    await cluster.start(names)
+    task_id = await cluster.submit(SLEEPER)
+    first = await cluster.started(task_id, 1)
+    lost_node = cluster.nodes[first.node]
+    silenced = time.monotonic()
+    await lost_node.stop()  # the agent dies with its heartbeats; the container lives on
+
+    lost = await wait_event(
+        cluster.log, lambda e: isinstance(e, ev.NodeLost) and e.node == first.node
+    )
+    assert time.monotonic() - silenced <= POLICY.node_lost_after_s + 1
+    assert lost.event is not None
+    assert await cluster.verdict(task_id, 1) == "node_lost"
+    second = await cluster.started(task_id, 2)
+    assert second.node != first.node
+    assert cluster.running(first.container_id), "a lost node's container is not killed blind"
+
+    await lost_node.start()  # heartbeats are back
+    await wait_event(
+        cluster.log, lambda e: isinstance(e, ev.NodeRecovered) and e.node == first.node
+    )
+    stale = await wait_event(cluster.log, attempt_is(task_id, 1, ev.ContainerExited))
+    assert isinstance(stale.event, ev.ContainerExited)
+    assert stale.event.container_id == first.container_id
+    assert not cluster.running(first.container_id)
+    assert cluster.running(second.container_id)
