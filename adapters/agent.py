@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from datetime import datetime
 from typing import Literal, Protocol
@@ -79,7 +79,7 @@ class Heartbeats(Protocol):
 class GpuHealth(Protocol):
     """Where GPU faults come from (NvmlProbe); absent with a declared inventory."""
 
-    def watch(self) -> AsyncGenerator[GpuFault, None]: ...
+    def watch(self) -> AsyncIterator[GpuFault]: ...
 
 
 class Agent:
@@ -435,9 +435,15 @@ class Agent:
     # --- GPU health ------------------------------------------------------------------
 
     async def _health_loop(self, health: GpuHealth) -> None:
-        async with aclosing(health.watch()) as faults:
+        faults = health.watch()
+        try:
             async for fault in faults:
                 await self.record(fault)
+        finally:
+            close = getattr(faults, "aclose", None)  # stops the probe's reader thread
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()
 
 
 async def _relay(source: anyio.Event, target: anyio.Event) -> None:

@@ -32,6 +32,7 @@ COMMAND_MODULES: list[str] = [
     "gpuwarden.adapters.api_cli",
     "gpuwarden.projections.replay_cli",
     "gpuwarden.adapters.scenario_cli",
+    "gpuwarden.adapters.agent_cli",
 ]
 
 EXIT_ERROR = 2

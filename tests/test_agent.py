@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -354,3 +357,40 @@ async def test_heartbeats_feed_liveness_and_stay_out_of_the_log(
             await feeder
     assert heartbeat_subject("node.a b").count(".") == 2
     assert await event_log.last_seq() == 0, "heartbeats are not events"
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("runtime", ["docker", "sim"])
+async def test_agent_command_registers_and_stops_on_sigterm(
+    event_log: JetStreamEventLog, nats_server: Any, docker_janitor: DockerJanitor, runtime: str
+) -> None:
+    argv = [sys.executable, "-m", "gpuwarden.engine.cli", "--nats", nats_server.url]
+    argv += ["agent", "--node", docker_janitor.node, "--runtime", runtime, "--gpus", "2"]
+    argv += ["--gpu-model", "H100", "--heartbeat-s", "0.2"]
+    process = await anyio.open_process(argv, stderr=subprocess.PIPE)
+    try:
+        registered = await wait_event(
+            event_log,
+            lambda e: isinstance(e, ev.NodeRegistered) and e.node == docker_janitor.node,
+        )
+        assert isinstance(registered.event, ev.NodeRegistered)
+        assert registered.event.runtime == runtime and len(registered.event.gpus) == 2
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(DEADLINE_S):
+            status = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.stderr is not None
+    chunks = []
+    with anyio.fail_after(DEADLINE_S):
+        with contextlib.suppress(anyio.EndOfStream):
+            while True:
+                chunks.append(await process.stderr.receive())
+    said = b"".join(chunks).decode()
+    assert status == 0, said
+    assert "GPU health not watched" in said

@@ -1,0 +1,166 @@
+"""`gpuwarden agent`: one node's agent as a process.
+
+With `--runtime docker` (the default) containers run on the Docker Engine named by
+DOCKER_HOST and the GPUs come from NVML; without a driver the inventory is declared by
+`--gpus/--gpu-model/--gpu-memory-mb`, and the agent says plainly that nothing then
+watches GPU health. `--runtime sim` runs a simulated node (containers in memory) that
+still speaks only through the real log, command bus and heartbeats: a cluster on a
+laptop, or a drill against a real engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any, Literal
+
+import anyio
+
+DEFAULT_NETWORK = "none"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "agent",
+        help="run a node agent: carry out the engine's commands on this node",
+        description="Consume gw.cmd.<node>, run containers, report their starts and exits "
+        "to the event log, send heartbeats, and reconcile with Docker on start.",
+    )
+    parser.add_argument("--node", required=True, help="this node's name")
+    parser.add_argument(
+        "--runtime", choices=("docker", "sim"), default="docker", help="container runtime"
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=0, metavar="N", help="declared GPU count (no NVML driver)"
+    )
+    parser.add_argument("--gpu-model", default="declared", metavar="M", help="declared model")
+    parser.add_argument(
+        "--gpu-memory-mb", type=int, default=0, metavar="X", help="declared memory per GPU"
+    )
+    parser.add_argument(
+        "--network",
+        default=DEFAULT_NETWORK,
+        metavar="MODE",
+        help=f"Docker network mode for task containers (default {DEFAULT_NETWORK})",
+    )
+    parser.add_argument(
+        "--heartbeat-s", type=float, default=1.0, metavar="S", help="seconds between beats"
+    )
+    parser.add_argument(
+        "--stop-timeout-s", type=float, default=10.0, metavar="S", help="SIGTERM grace on stop"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every command")
+    parser.set_defaults(handler=run_agent_command)
+
+
+async def run_agent_command(args: argparse.Namespace) -> int:
+    from gpuwarden.engine.errors import GpuwardenError
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.gpus < 0 or args.heartbeat_s <= 0:
+        print("gpuwarden: error: --gpus must be >= 0 and --heartbeat-s > 0", file=sys.stderr)
+        return 2
+    serve = serve_docker if args.runtime == "docker" else serve_sim
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, tg.cancel_scope)
+            await serve(args)
+            tg.cancel_scope.cancel()
+    except GpuwardenError as exc:
+        print(f"gpuwarden: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            print(f"gpuwarden: {signal.Signals(signum).name} received, stopping", file=sys.stderr)
+            scope.cancel()
+            return
+
+
+async def serve_docker(args: argparse.Namespace) -> None:
+    import docker
+    from docker.errors import DockerException
+    from gpuwarden.adapters.agent import Agent
+    from gpuwarden.adapters.docker_runtime import DockerRuntime
+    from gpuwarden.adapters.heartbeats import NatsHeartbeats
+    from gpuwarden.adapters.jetstream import JetStreamCommandBus
+    from gpuwarden.adapters.nvml_probe import NvmlProbe, probe_or_declare
+    from gpuwarden.engine.cli import open_event_log
+    from gpuwarden.engine.clock import SystemClock
+    from gpuwarden.engine.errors import ContainerRuntimeError, GpuProbeError
+
+    found = probe_or_declare(
+        args.node, count=args.gpus, model=args.gpu_model, memory_mb=args.gpu_memory_mb
+    )
+    print(f"gpuwarden: {found.message}", file=sys.stderr)
+    source: Literal["nvml", "declared"] = "nvml" if found.source == "nvml" else "declared"
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except DockerException as exc:
+        host = os.environ.get("DOCKER_HOST", "the default socket")
+        raise ContainerRuntimeError(f"no Docker engine at {host}: {exc}") from None
+    probe = None
+    if source == "nvml":
+        try:
+            probe = NvmlProbe(args.node).open()
+        except GpuProbeError as exc:
+            print(f"gpuwarden: GPU health not watched: {exc}", file=sys.stderr)
+    try:
+        async with open_event_log(args) as event_log:
+            runtime = DockerRuntime(client, args.node, network_mode=args.network, gpu_mode=source)
+            agent = Agent(
+                args.node,
+                event_log,
+                JetStreamCommandBus(event_log.nc),
+                runtime,
+                found.inventory,
+                heartbeats=NatsHeartbeats(event_log.nc),
+                clock=SystemClock(),
+                heartbeat_s=args.heartbeat_s,
+                inventory_source=source,
+                stop_timeout_s=args.stop_timeout_s,
+                gpu_health=probe,
+            )
+            async with anyio.create_task_group() as tg:
+                await tg.start(agent.run)
+                print(f"gpuwarden: agent of {args.node} running", file=sys.stderr, flush=True)
+    finally:
+        if probe is not None:
+            probe.close()
+        client.close()
+
+
+async def serve_sim(args: argparse.Namespace) -> None:
+    from gpuwarden.adapters.heartbeats import NatsHeartbeats
+    from gpuwarden.adapters.jetstream import JetStreamCommandBus
+    from gpuwarden.adapters.sim_runtime import SimNodeSpec, SimRuntime
+    from gpuwarden.engine.cli import open_event_log
+    from gpuwarden.engine.clock import SystemClock
+
+    spec = SimNodeSpec(args.node, args.gpus, args.gpu_model, args.gpu_memory_mb or None)
+    print(
+        f"gpuwarden: simulated node {args.node}: {args.gpus} declared GPU(s), "
+        "containers in memory, GPU health not watched",
+        file=sys.stderr,
+    )
+    async with open_event_log(args) as event_log:
+        sim = SimRuntime(event_log, JetStreamCommandBus(event_log.nc), SystemClock(), None, [spec])
+        heartbeats = NatsHeartbeats(event_log.nc)
+        await sim.register()
+        async with anyio.create_task_group() as tg:
+            await tg.start(sim.serve)
+            print(f"gpuwarden: agent of {args.node} running", file=sys.stderr, flush=True)
+            while True:
+                await heartbeats.beat(args.node)
+                await anyio.sleep(args.heartbeat_s)
