@@ -1,9 +1,10 @@
 """Placement: which GPUs an attempt gets (EP3869336A1's "allocate target GPUs").
 
-Pure. All GPUs of an attempt sit on one node. Nodes are packed best-fit (the node
-with the fewest eligible free GPUs that still fits wins) so that whole nodes stay
-free for multi-GPU tasks. Ties break on the node name, then the GPU index, so the
-same state always yields the same placement (replay re-derives it).
+Pure. All GPUs of an attempt sit on one node. Nodes are packed best-fit: the node
+with the fewest free GPUs (neither held nor quarantined, nor promised earlier in the
+same round) that still has enough eligible ones wins, so that whole nodes stay free
+for multi-GPU tasks. Ties break on the node name, then the GPU index, so the same
+state always yields the same placement (replay re-derives it).
 """
 
 from __future__ import annotations
@@ -81,13 +82,75 @@ def place(
     nodes: Mapping[str, NodeView],
     gpus: Mapping[str, GpuView],
     taken: Iterable[str] = (),
+    candidates: Iterable[str] | None = None,
 ) -> Placement | NoFit:
     """Choose GPUs for one attempt, or say why none fit.
 
     `taken` lists GPUs already promised in the same decision round (not yet in state).
+    `candidates`, when given, is a caller's free-GPU index at work: every node that may
+    fit, already in preference order (free count, then name); the answer is the same
+    as without it, only cheaper.
     """
-    taken_set = set(taken)
-    best: tuple[int, str, list[GpuView]] | None = None
+    taken_set = taken if isinstance(taken, set | frozenset) else set(taken)
+    if candidates is None:
+        candidates = preference_order(nodes, gpus, taken_set, request.gpus)
+    found = _first_fit(request, nodes, gpus, taken_set, candidates)
+    return found if found is not None else _no_fit(request, nodes, gpus)
+
+
+def preference_order(
+    nodes: Mapping[str, NodeView],
+    gpus: Mapping[str, GpuView],
+    taken: set[str] | frozenset[str],
+    at_least: int,
+) -> list[str]:
+    """Nodes with at least `at_least` free GPUs, fewest free first, then by name."""
+    counted = []
+    for name, node in nodes.items():
+        free = sum(
+            1
+            for uuid in node.gpus
+            if (gpu := gpus.get(uuid)) is not None
+            and gpu.holder is None
+            and not gpu.quarantined
+            and uuid not in taken
+        )
+        if free >= at_least:
+            counted.append((free, name))
+    return [name for _, name in sorted(counted)]
+
+
+def _first_fit(
+    request: PlacementRequest,
+    nodes: Mapping[str, NodeView],
+    gpus: Mapping[str, GpuView],
+    taken: set[str] | frozenset[str],
+    names: Iterable[str],
+) -> Placement | None:
+    for name in names:
+        node = nodes[name]
+        if name in request.exclude_nodes or not node.alive:
+            continue
+        eligible = [
+            gpu
+            for uuid in node.gpus
+            if (gpu := gpus.get(uuid)) is not None
+            and gpu.holder is None
+            and not gpu.quarantined
+            and uuid not in taken
+            and uuid not in request.exclude_gpus
+            and matches(gpu, request)
+        ]
+        if len(eligible) >= request.gpus:
+            chosen = sorted(eligible, key=lambda g: (g.index, g.uuid))[: request.gpus]
+            return Placement(node=name, gpu_uuids=tuple(g.uuid for g in chosen))
+    return None
+
+
+def _no_fit(
+    request: PlacementRequest, nodes: Mapping[str, NodeView], gpus: Mapping[str, GpuView]
+) -> NoFit:
+    """Why nothing fits, from the whole cluster: could it ever, and what stands in the way."""
     ever = False
     lost = quarantined = excluded = 0
     for name in sorted(nodes):
@@ -101,21 +164,11 @@ def place(
         if not node.alive:
             lost += 1
             continue
-        eligible = []
         for gpu in static:
             if gpu.quarantined:
                 quarantined += 1
             elif gpu.uuid in request.exclude_gpus:
                 excluded += 1
-            elif gpu.holder is None and gpu.uuid not in taken_set:
-                eligible.append(gpu)
-        if len(eligible) < request.gpus:
-            continue
-        if best is None or len(eligible) < best[0]:
-            best = (len(eligible), name, eligible)
-    if best is not None:
-        chosen = sorted(best[2], key=lambda g: (g.index, g.uuid))[: request.gpus]
-        return Placement(node=best[1], gpu_uuids=tuple(g.uuid for g in chosen))
     if not nodes:
         return NoFit("no nodes registered", ever=True)
     if not ever:

@@ -83,6 +83,8 @@ class NodeState:
     gpus: list[str] = field(default_factory=list)
     alive: bool = True
     lost: NodeLost | None = None
+    free: int = 0  # GPUs neither held nor quarantined (an index for placement)
+    attempts: dict[tuple[str, int], None] = field(default_factory=dict)  # scheduled here
 
 
 @dataclass(slots=True)
@@ -149,6 +151,7 @@ class State:
     timers: list[Timer] = field(default_factory=list)  # heap; stale entries are skipped
     submitted: int = 0
     events: int = 0
+    free_nodes: dict[str, None] = field(default_factory=dict)  # nodes with a free GPU
 
 
 def initial_state(policy: Policy = DEFAULT_POLICY, table: FaultTable | None = None) -> State:
@@ -198,6 +201,25 @@ def next_due(state: State) -> datetime | None:
     return state.timers[0].due if state.timers else None
 
 
+def _is_free(gpu: GpuState) -> bool:
+    return gpu.holder is None and not gpu.quarantined
+
+
+def _refree(state: State, gpu: GpuState, was_free: bool) -> None:
+    """Keep the node's free count and the free-node index in step with one GPU."""
+    now_free = _is_free(gpu)
+    if now_free == was_free:
+        return
+    node = state.nodes.get(gpu.node)
+    if node is None:
+        return
+    node.free += 1 if now_free else -1
+    if node.free > 0:
+        state.free_nodes[node.name] = None
+    else:
+        state.free_nodes.pop(node.name, None)
+
+
 def _on_node_registered(state: State, e: NodeRegistered) -> None:
     node = state.nodes.get(e.node)
     if node is None:
@@ -225,6 +247,11 @@ def _on_node_registered(state: State, e: NodeRegistered) -> None:
             )
         uuids.append(info.uuid)
     node.gpus = uuids
+    node.free = sum(1 for u in uuids if _is_free(state.gpus[u]))
+    if node.free > 0:
+        state.free_nodes[node.name] = None
+    else:
+        state.free_nodes.pop(node.name, None)
 
 
 def _on_node_lost(state: State, e: NodeLost) -> None:
@@ -233,10 +260,24 @@ def _on_node_lost(state: State, e: NodeLost) -> None:
         return
     node.alive = False
     node.lost = e
-    for task in state.tasks.values():
-        attempt = task.current
-        if attempt is not None and attempt.node == e.node and attempt.classified is None:
-            attempt.node_lost = e
+    for _, attempt in _attempts_on(state, node, prune=True):
+        attempt.node_lost = e
+
+
+def _attempts_on(
+    state: State, node: NodeState, *, prune: bool = False
+) -> list[tuple[TaskState, AttemptState]]:
+    """Current, unclassified attempts on a node (evolve may prune finished entries)."""
+    found = []
+    for key in list(node.attempts):
+        task = state.tasks.get(key[0])
+        attempt = task.current if task is not None else None
+        if attempt is None or attempt.n != key[1] or attempt.classified is not None:
+            if prune:
+                del node.attempts[key]
+        elif task is not None and task.status not in TERMINAL:
+            found.append((task, attempt))
+    return found
 
 
 def _on_node_recovered(state: State, e: NodeRecovered) -> None:
@@ -258,26 +299,33 @@ def _on_gpu_fault(state: State, e: GpuFault) -> None:
 def _on_gpu_quarantined(state: State, e: GpuQuarantined) -> None:
     gpu = state.gpus.get(e.gpu_uuid)
     if gpu is not None:
+        was = _is_free(gpu)
         gpu.quarantined = True
+        _refree(state, gpu, was)
 
 
 def _on_gpu_restored(state: State, e: GpuRestored) -> None:
     gpu = state.gpus.get(e.gpu_uuid)
     if gpu is not None:
+        was = _is_free(gpu)
         gpu.quarantined = False
         gpu.faults.clear()  # faults before a restore are settled
+        _refree(state, gpu, was)
 
 
 def _on_gpu_allocated(state: State, e: GpuAllocated) -> None:
     gpu = state.gpus.get(e.gpu_uuid)
     if gpu is not None:
+        was = _is_free(gpu)
         gpu.holder = (e.task_id, e.attempt)
+        _refree(state, gpu, was)
 
 
 def _on_gpu_released(state: State, e: GpuReleased) -> None:
     gpu = state.gpus.get(e.gpu_uuid)
     if gpu is not None and gpu.holder == (e.task_id, e.attempt):
         gpu.holder = None
+        _refree(state, gpu, False)
     task = state.tasks.get(e.task_id)
     if task is not None and e.attempt in task.attempts:
         task.attempts[e.attempt].released = True
@@ -311,8 +359,10 @@ def _on_task_scheduled(state: State, e: TaskScheduled) -> None:
     task.rebuild = None
     state.waiting.pop(e.task_id, None)
     node = state.nodes.get(e.node)
-    if node is not None and not node.alive:
-        task.attempts[e.attempt].node_lost = node.lost
+    if node is not None:
+        node.attempts[(e.task_id, e.attempt)] = None
+        if not node.alive:
+            task.attempts[e.attempt].node_lost = node.lost
 
 
 def _attempt(state: State, task_id: str, n: int) -> AttemptState | None:
@@ -427,13 +477,14 @@ _SETTLES_TIMERS = frozenset(
 class _Round:
     """The decisions of one decide call, and what they already promised."""
 
-    __slots__ = ("concluded", "events", "now", "place", "released", "state", "taken")
+    __slots__ = ("concluded", "events", "now", "place", "released", "state", "taken", "taken_on")
 
     def __init__(self, state: State, now: datetime) -> None:
         self.state = state
         self.now = now
         self.events: list[Event] = []
         self.taken: set[str] = set()  # GPUs allocated (or quarantined) in this round
+        self.taken_on: dict[str, int] = {}  # of those, free ones per node
         self.released: set[str] = set()  # GPUs released in this round
         self.concluded: set[tuple[str, int]] = set()  # attempts classified in this round
         self.place = False  # run a placement round at the end
@@ -692,11 +743,11 @@ def _react_start_failed(r: _Round, e: ContainerStartFailed) -> None:
 
 
 def _react_node_lost(r: _Round, e: NodeLost) -> None:
-    for task in r.state.tasks.values():
-        if task.status in TERMINAL:
-            continue
-        attempt = task.current
-        if attempt is None or attempt.node != e.node or attempt.node_lost != e:
+    node = r.state.nodes.get(e.node)
+    if node is None:
+        return
+    for task, attempt in _attempts_on(r.state, node):
+        if attempt.node_lost != e:
             continue  # by value: a replay decodes the trigger apart from the folded copy
         if attempt.exited is not None:
             continue  # its evidence window is open: the timer concludes it
@@ -761,7 +812,9 @@ def _placement_round(r: _Round) -> None:
     """Place waiting tasks in submission order, each on GPUs free at this moment."""
     state = r.state
     # A GPU this round quarantines is not folded yet: keep it out of this round's picks.
-    r.taken.update(e.gpu_uuid for e in r.events if isinstance(e, GpuQuarantined))
+    for event in r.events:
+        if isinstance(event, GpuQuarantined):
+            _take(r, event.gpu_uuid)
     tasks = sorted((state.tasks[t] for t in state.waiting), key=lambda t: t.order)
     for task in tasks:
         rebuild = task.rebuild
@@ -775,7 +828,9 @@ def _placement_round(r: _Round) -> None:
             exclude_gpus=frozenset(rebuild.exclude_gpus) if rebuild else frozenset(),
             exclude_nodes=frozenset(rebuild.exclude_nodes) if rebuild else frozenset(),
         )
-        result = place(request, state.nodes, state.gpus, r.taken)
+        result = place(
+            request, state.nodes, state.gpus, r.taken, candidates=_candidates(r, spec.gpus)
+        )
         parent = rebuild.id if rebuild is not None else spec.id
         if isinstance(result, Placement):
             _schedule(r, task, result, parent)
@@ -783,11 +838,33 @@ def _placement_round(r: _Round) -> None:
             _not_placed(r, task, result, parent)
 
 
+def _take(r: _Round, uuid: str) -> None:
+    """Promise a GPU within this round (allocated or quarantined, not folded yet)."""
+    if uuid in r.taken:
+        return
+    r.taken.add(uuid)
+    gpu = r.state.gpus.get(uuid)
+    if gpu is not None and _is_free(gpu):
+        r.taken_on[gpu.node] = r.taken_on.get(gpu.node, 0) + 1
+
+
+def _candidates(r: _Round, gpus: int) -> list[str]:
+    """Nodes with `gpus` free GPUs left in this round, fewest first (placement's order)."""
+    nodes, taken_on = r.state.nodes, r.taken_on
+    counted = [
+        (free, name)
+        for name in r.state.free_nodes
+        if (free := nodes[name].free - taken_on.get(name, 0)) >= gpus
+    ]
+    counted.sort()
+    return [name for _, name in counted]
+
+
 def _schedule(r: _Round, task: TaskState, placement: Placement, parent: str) -> None:
     task_id, n = task.spec.task_id, task.next_attempt
     scheduled_id = derive_id(parent, f"scheduled/{n}")
     for uuid in placement.gpu_uuids:
-        r.taken.add(uuid)
+        _take(r, uuid)
         r.events.append(
             GpuAllocated(
                 id=derive_id(parent, f"allocated/{n}/{uuid}"),

@@ -16,6 +16,16 @@ from gpuwarden.engine.supervisor import State, decide, evolve, initial_state, ne
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
+def check_indexes(state: State) -> None:
+    """The placement index (free GPUs per node, free-node set) agrees with a recount."""
+    for name, node in state.nodes.items():
+        free = sum(
+            1 for u in node.gpus if state.gpus[u].holder is None and not state.gpus[u].quarantined
+        )
+        assert node.free == free, f"{name}: index says {node.free} free, recount {free}"
+        assert (name in state.free_nodes) == (free > 0), name
+
+
 class Driver:
     def __init__(self, policy: Policy = DEFAULT_POLICY) -> None:
         self.state: State = initial_state(policy)
@@ -37,6 +47,7 @@ class Driver:
     def append(self, event: ev.Event) -> None:
         self.log.append(event)
         evolve(self.state, event)
+        check_indexes(self.state)
         self._decide(event)
 
     def _decide(self, trigger: ev.Event | None) -> None:
@@ -48,6 +59,8 @@ class Driver:
         for event in group:
             self.log.append(event)
             evolve(self.state, event)
+            check_indexes(self.state)
+        check_indexes(self.state)
         for event in group:
             self._decide(event)
 
