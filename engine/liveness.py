@@ -9,6 +9,7 @@ clock skew cannot declare a node dead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from gpuwarden.engine.events import Event, NodeLost, NodeRecovered, derive_id
@@ -22,12 +23,16 @@ class Liveness:
         self.after = timedelta(seconds=node_lost_after_s)
         self.last_seen: dict[str, datetime] = {}
         self.pending: set[str] = set()  # nodes whose lost/recovered is on its way to the log
+        self.lost: set[str] = set()  # nodes the log says are lost
         self.started_at: datetime | None = None
+        self.on_news: Callable[[], None] | None = None  # the engine's wake-up
 
     def beat(self, node: str, at: datetime) -> None:
         seen = self.last_seen.get(node)
         if seen is None or at > seen:
             self.last_seen[node] = at
+        if node in self.lost and self.on_news is not None:
+            self.on_news()  # a lost node is back: the engine may be asleep with nothing due
 
     def start(self, state: State, now: datetime) -> None:
         """Give every known node a full timeout from now: silence before we ran is unknown."""
@@ -35,8 +40,13 @@ class Liveness:
         for name in state.nodes:
             self.beat(name, now)
 
-    def settled(self, node: str) -> None:
+    def settled(self, node: str, *, lost: bool) -> None:
+        """The log now holds the node's node.lost (lost=True) or node.recovered."""
         self.pending.discard(node)
+        if lost:
+            self.lost.add(node)
+        else:
+            self.lost.discard(node)
 
     def _seen(self, node: str) -> datetime | None:
         seen = self.last_seen.get(node)
@@ -67,7 +77,7 @@ class Liveness:
             seen = self._seen(name)
             if seen is None:
                 continue
-            if node.alive and now - seen > self.after:
+            if node.alive and now - seen >= self.after:
                 out.append(
                     NodeLost(
                         id=derive_id(base_id, f"lost/{name}"),

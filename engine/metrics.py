@@ -37,6 +37,7 @@ class EngineMetrics:
         self.faults: dict[str, int] = defaultdict(int)
         self.decisions: dict[str, int] = defaultdict(int)
         self.conflicts = 0
+        self.append_failures = 0
         self.commands_sent = 0
         self.decision_latency = Histogram()
         self.consumer_lag = 0
@@ -65,6 +66,9 @@ class EngineMetrics:
             "# HELP gpuwarden_decision_conflicts_total Appends refused by a concurrent writer.",
             "# TYPE gpuwarden_decision_conflicts_total counter",
             f"gpuwarden_decision_conflicts_total {self.conflicts}",
+            "# HELP gpuwarden_append_failures_total Decision appends that failed and were retried.",
+            "# TYPE gpuwarden_append_failures_total counter",
+            f"gpuwarden_append_failures_total {self.append_failures}",
             "# HELP gpuwarden_commands_sent_total Commands published to node agents.",
             "# TYPE gpuwarden_commands_sent_total counter",
             f"gpuwarden_commands_sent_total {self.commands_sent}",

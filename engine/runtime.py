@@ -112,6 +112,14 @@ class Engine:
         self.deciding = False  # a round is between deciding and its append's ack
         self.caught_up = anyio.Event()
         self.progress = anyio.Event()  # set (and replaced) after each fold batch
+        self._news = anyio.Event()  # something outside the log changed (a heartbeat)
+        self.backoff_s = 0.0  # after a failed append, before the next round
+        if liveness is not None:
+            liveness.on_news = self.wake
+
+    def wake(self) -> None:
+        """Re-check timers now (e.g. a lost node beat again); safe from any task."""
+        self._news.set()
 
     # --- folding -----------------------------------------------------------------
 
@@ -139,8 +147,8 @@ class Engine:
             self.triggers.append(event)
             for command in commands_for(self.state, event):
                 await self._send(command)
-            if self.liveness is not None and isinstance(event, NodeLost | NodeRecovered):
-                self.liveness.settled(event.node)
+        if self.liveness is not None and isinstance(event, NodeLost | NodeRecovered):
+            self.liveness.settled(event.node, lost=isinstance(event, NodeLost))
 
     async def _dead_letter(self, record: StoredEvent, reason: str) -> None:
         kind = "too_large" if "exceeds" in reason else "undecodable"
@@ -210,6 +218,16 @@ class Engine:
                 log.info("decision refused (%s); reading on", exc)
                 self.awaiting = max(self.awaiting, await self._stream_end())
                 return False
+            except EventLogError as exc:
+                # The server is away or slow. Nothing half-stored: batches are atomic and
+                # ids derived, so deciding again later re-sends the same decision.
+                self.metrics.append_failures += 1
+                self.backoff_s = min(max(self.backoff_s * 2, 0.05), 2.0)
+                log.warning(
+                    "appending a decision failed (%s); retrying in %.2fs", exc, self.backoff_s
+                )
+                return False
+            self.backoff_s = 0.0
             for event, seq in zip(part, stored, strict=True):
                 seqs[subject_of(event)] = seq
                 self.metrics.decisions[type_of(event)] += 1
@@ -264,8 +282,18 @@ class Engine:
         send, receive = anyio.create_memory_object_stream[StoredEvent](10_000)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._pump, send, self.folded + 1)
+            tg.start_soon(self._measure_lag)
             task_status.started()
             await self._loop(receive)
+
+    async def _measure_lag(self, every_s: float = 5.0) -> None:
+        """Keep the consumer-lag gauge current (wall time: it is about the real server)."""
+        while True:
+            try:
+                self.metrics.consumer_lag = max(0, await self.log.last_seq() - self.folded)
+            except EventLogError:
+                pass
+            await anyio.sleep(every_s)
 
     async def _pump(self, send: MemoryObjectSendStream[StoredEvent], from_seq: int) -> None:
         async with send:
@@ -288,6 +316,8 @@ class Engine:
                 continue  # our last decision is not folded back yet
             due = self.due()
             if self.triggers or (due is not None and due <= self.clock.now()):
+                if self.backoff_s:
+                    await anyio.sleep(self.backoff_s)
                 self.deciding = True
                 try:
                     await self._round()
@@ -304,13 +334,21 @@ class Engine:
         if self.awaiting <= self.folded and self.triggers:
             return None
         due = None if self.awaiting > self.folded else self.due()
-        if due is None:
-            return await receive.receive()
+        if self._news.is_set():
+            self._news = anyio.Event()
+            return None
         result: StoredEvent | None = None
         async with anyio.create_task_group() as tg:
 
             async def timer() -> None:
-                await self.clock.sleep_until(due)
+                if due is not None:
+                    await self.clock.sleep_until(due)
+                else:
+                    await anyio.sleep_forever()
+                tg.cancel_scope.cancel()
+
+            async def news() -> None:
+                await self._news.wait()
                 tg.cancel_scope.cancel()
 
             async def reader() -> None:
@@ -319,7 +357,10 @@ class Engine:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(timer)
+            tg.start_soon(news)
             tg.start_soon(reader)
+        if self._news.is_set():
+            self._news = anyio.Event()
         return result
 
     def _signal_progress(self) -> None:
