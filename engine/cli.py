@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gpuwarden.engine.errors import GpuwardenError
 
 if TYPE_CHECKING:
     from gpuwarden.adapters.jetstream import JetStreamEventLog
-    from gpuwarden.engine.ports import StoredEvent
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 # Modules that add subcommands: each defines `register(subparsers) -> None`.
 COMMAND_MODULES: list[str] = [
     "gpuwarden.engine.service",
+    "gpuwarden.projections.cli",
     "gpuwarden.adapters.api_cli",
     "gpuwarden.projections.replay_cli",
     "gpuwarden.adapters.scenario_cli",
@@ -36,7 +35,6 @@ COMMAND_MODULES: list[str] = [
 ]
 
 EXIT_ERROR = 2
-_COMMON_FIELDS = frozenset({"id", "at", "actor", "causation_id", "correlation_id", "type"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="state directory: embedded server store, read models (env GPUWARDEN_DATA_DIR)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _register_up(subparsers)
-    _register_events(subparsers)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
@@ -133,82 +129,6 @@ async def event_log_at(args: argparse.Namespace, url: str) -> AsyncIterator[JetS
         yield log
     finally:
         await nc.close()
-
-
-# --- gpuwarden up -------------------------------------------------------------------
-
-
-def _register_up(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "up", help="run the event log (embedded nats-server unless --nats) until stopped"
-    )
-    parser.set_defaults(handler=run_up)
-
-
-async def run_up(args: argparse.Namespace) -> int:
-    import signal
-
-    import anyio
-
-    async with nats_url(args) as url, event_log_at(args, url):
-        print(url, flush=True)
-        print(f"gpuwarden: event log ready at {url}; Ctrl-C to stop", file=sys.stderr)
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
-    return 0
-
-
-# --- gpuwarden events ---------------------------------------------------------------
-
-
-def _register_events(subparsers: Any) -> None:
-    parser = subparsers.add_parser("events", help="print the event log")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--limit", type=int, metavar="N", help="only the last N events")
-    parser.set_defaults(handler=run_events)
-
-
-async def run_events(args: argparse.Namespace) -> int:
-    async with open_event_log(args) as log:
-        last = await log.last_seq()
-        start = 1 if args.limit is None else max(1, last - max(args.limit, 0) + 1)
-        if args.limit == 0:
-            return 0
-        async for stored in log.read(from_seq=start, until_seq=last):
-            print(json_line(stored) if args.json else text_line(stored))
-    return 0
-
-
-def json_line(stored: StoredEvent) -> str:
-    from gpuwarden.engine.events import to_builtins
-
-    row: dict[str, Any] = {"seq": stored.seq, "subject": stored.subject}
-    if stored.event is None:
-        row["event"] = None
-        row["error"] = stored.error
-    else:
-        row["event"] = to_builtins(stored.event)
-    return json.dumps(row, separators=(",", ":"), default=str)
-
-
-def text_line(stored: StoredEvent) -> str:
-    from gpuwarden.engine.events import to_builtins, type_of
-
-    if stored.event is None:
-        return f"{stored.seq:>6}  {'-':<19}  {stored.subject}  <undecodable>  {stored.error}"
-    event = stored.event
-    fields = to_builtins(event)
-    summary = " ".join(
-        f"{key}={_short(value)}" for key, value in fields.items() if key not in _COMMON_FIELDS
-    )
-    at = event.at.strftime("%Y-%m-%d %H:%M:%S")
-    return f"{stored.seq:>6}  {at}  {stored.subject}  {type_of(event)}  {summary[:100]}"
-
-
-def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ def _handler(run: Runner) -> Callable[[argparse.Namespace], Awaitable[int]]:
 
 
 def register(subparsers: Any) -> None:
-    _replace(subparsers, "events")  # supersedes engine/cli.py's plain log dump
     p = subparsers.add_parser("events", help="query the events index (read model)")
     p.add_argument("--task", help="only this task's events")
     p.add_argument("--attempt", type=int, help="only this attempt (with --task)")
@@ -88,13 +87,6 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="projections_command", metavar="ACTION", required=True)
     rebuild = sub.add_parser("rebuild", help="drop the read models and fold the log again")
     rebuild.set_defaults(handler=_handler(run_rebuild))
-
-
-def _replace(subparsers: Any, name: str) -> None:
-    """Drop an earlier registration of `name` so ours takes its place."""
-    if name in subparsers.choices:
-        del subparsers.choices[name]
-        subparsers._choices_actions[:] = [a for a in subparsers._choices_actions if a.dest != name]
 
 
 # --- helpers -------------------------------------------------------------------------

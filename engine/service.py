@@ -1,0 +1,271 @@
+"""The processes: `gpuwarden engine` and `gpuwarden up` (the composition root).
+
+`engine` runs the supervisor service against a NATS server: the Engine (log →
+decisions → log and commands), heartbeat liveness, the task API, dead letters and,
+with --metrics-port, a Prometheus endpoint. `up` adds an embedded nats-server (unless
+--nats) and a local node agent: Docker when an engine answers, otherwise a simulated
+node with declared GPUs, said plainly. Both stop cleanly on SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+from gpuwarden.engine.errors import GpuwardenError, PolicyError
+from gpuwarden.engine.policy import DEFAULT_POLICY, Policy, parse_policy
+
+log = logging.getLogger("gpuwarden.service")
+
+
+def load_policy_file(path: str | Path | None) -> Policy:
+    """A policy from a TOML file, or the defaults; errors name the file and the key."""
+    if path is None:
+        return DEFAULT_POLICY
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise PolicyError(f"{file}: cannot read policy file: {exc.strerror}") from None
+    return parse_policy(text, str(file))
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", metavar="FILE", help="policy TOML (defaults otherwise)")
+    parser.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on PORT"
+    )
+    parser.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="HOST", help="metrics bind address"
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="stream replicas (3 on a JetStream cluster)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log decisions")
+
+
+def register(subparsers: Any) -> None:
+    _register_up(subparsers)
+    parser = subparsers.add_parser(
+        "engine",
+        help="run the supervisor engine against a NATS server",
+        description="Fold the event log, decide (classify, rebuild or fail, place), append "
+        "the decisions and send commands to node agents. Several engines may run against "
+        "one log: every decision is a compare-and-set on the subjects it writes.",
+    )
+    add_engine_options(parser)
+    parser.set_defaults(handler=run_engine_command)
+
+
+async def run_engine_command(args: argparse.Namespace) -> int:
+    from gpuwarden.engine.cli import nats_url
+
+    _configure_logging(args.verbose)
+    policy = load_policy_file(args.policy)
+    async with nats_url(args) as url:
+        return await _until_signal(lambda ready: serve_engine(args, url, policy, ready))
+
+
+async def serve_engine(
+    args: argparse.Namespace,
+    url: str,
+    policy: Policy,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run the engine and its companions until cancelled."""
+    from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
+    from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+    from gpuwarden.engine.clock import SystemClock
+    from gpuwarden.engine.liveness import Liveness
+    from gpuwarden.engine.metrics import EngineMetrics, serve_metrics
+    from gpuwarden.engine.runtime import Engine
+
+    nc = await connect(
+        url,
+        creds=args.creds,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        name="gpuwarden-engine",
+    )
+    try:
+        event_log = JetStreamEventLog(nc, replicas=getattr(args, "replicas", 1))
+        await event_log.ensure_streams()
+        bus = JetStreamCommandBus(nc)
+        clock = SystemClock()
+        metrics = EngineMetrics()
+        liveness = Liveness(policy.node_lost_after_s)
+        engine = Engine(
+            event_log,
+            bus,
+            clock,
+            policy,
+            dead_letters=JetStreamDeadLetters(nc, replicas=getattr(args, "replicas", 1)),
+            metrics=metrics,
+            liveness=liveness,
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            if _have("gpuwarden.adapters.heartbeats"):
+                from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
+
+                tg.start_soon(feed_liveness, NatsHeartbeats(nc), liveness, clock)
+            if _have("gpuwarden.adapters.api_service"):
+                from gpuwarden.adapters.api_service import ApiService
+
+                api = ApiService(nc, event_log, clock)
+                tg.start_soon(api.serve)
+            if getattr(args, "metrics_port", None) is not None:
+                port = await tg.start(serve_metrics, metrics, args.metrics_port, args.metrics_host)
+                print(
+                    f"gpuwarden: metrics on http://{args.metrics_host}:{port}/metrics",
+                    file=sys.stderr,
+                )
+            print(
+                f"gpuwarden: engine running on {url} "
+                f"({len(engine.state.tasks)} tasks, {len(engine.state.nodes)} nodes in the log)",
+                file=sys.stderr,
+                flush=True,
+            )
+            if ready is not None:
+                ready(url)
+    finally:
+        await nc.close()
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _until_signal(body: Callable[[Callable[[str], None]], Awaitable[None]]) -> int:
+    """Run `body` until it ends, SIGTERM or Ctrl-C; then cancel it and return cleanly."""
+    status = 0
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    print(f"gpuwarden: {name} received, stopping", file=sys.stderr)
+                    tg.cancel_scope.cancel()
+                    return
+
+        async def main() -> None:
+            nonlocal status
+            try:
+                await body(lambda url: None)
+            except GpuwardenError as exc:
+                print(f"gpuwarden: error: {exc}", file=sys.stderr)
+                status = 2
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch_signals)
+        tg.start_soon(main)
+    return status
+
+
+# --- gpuwarden up ---------------------------------------------------------------------
+
+
+def _register_up(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="run everything on this machine: embedded NATS, the engine and a local agent",
+        description="Start an embedded nats-server in the data directory (unless --nats), "
+        "the engine with its task API, and a node agent for this machine: Docker when an "
+        "engine answers (GPUs from NVML, or declared when there is no driver), otherwise a "
+        "simulated node. Prints the NATS URL on stdout; Ctrl-C or SIGTERM stops it all.",
+    )
+    add_engine_options(parser)
+    parser.add_argument("--node", default="local", help="this machine's node name")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "docker", "sim", "none"),
+        default="auto",
+        help="local agent: Docker if reachable (auto), Docker, simulated, or no agent",
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=0, metavar="N", help="declared GPUs when NVML has none"
+    )
+    parser.add_argument("--gpu-model", default="declared", metavar="M", help="declared model")
+    parser.add_argument(
+        "--gpu-memory-mb", type=int, default=0, metavar="X", help="declared memory per GPU"
+    )
+    parser.add_argument("--network", default="none", help="Docker network for containers")
+    parser.set_defaults(handler=run_up_command)
+
+
+def docker_reachable(timeout_s: float = 2.0) -> str | None:
+    """None when a Docker engine answers a ping, else why not (said to the user)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=timeout_s)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        return str(exc).splitlines()[0][:200] or type(exc).__name__
+    return None
+
+
+async def run_up_command(args: argparse.Namespace) -> int:
+    from gpuwarden.engine.cli import nats_url
+
+    _configure_logging(args.verbose)
+    policy = load_policy_file(args.policy)
+    runtime = args.runtime
+    if runtime == "auto":
+        why_not = await anyio.to_thread.run_sync(docker_reachable)
+        runtime = "docker" if why_not is None else "sim"
+        if why_not is not None:
+            print(
+                f"gpuwarden: no Docker engine answers ({why_not}); "
+                f"running a simulated node instead (--runtime sim)",
+                file=sys.stderr,
+            )
+    if runtime == "sim" and args.gpus == 0:
+        args.gpus = 2
+    async with nats_url(args) as url:
+
+        async def everything(ready: Callable[[str], None]) -> None:
+            async with anyio.create_task_group() as tg:
+                engine_up = anyio.Event()
+                tg.start_soon(serve_engine, args, url, policy, lambda _: engine_up.set())
+                await engine_up.wait()
+                print(url, flush=True)  # streams exist and the engine listens from here on
+                if runtime != "none":
+                    tg.start_soon(_serve_local_agent, args, url, runtime)
+
+        return await _until_signal(everything)
+
+
+async def _serve_local_agent(args: argparse.Namespace, url: str, runtime: str) -> None:
+    from gpuwarden.adapters import agent_cli
+
+    agent_args = argparse.Namespace(**vars(args))
+    agent_args.nats = url
+    agent_args.runtime = runtime
+    agent_args.heartbeat_s = getattr(args, "heartbeat_s", 1.0)
+    agent_args.stop_timeout_s = getattr(args, "stop_timeout_s", 10.0)
+    if runtime == "docker":
+        await agent_cli.serve_docker(agent_args)
+    else:
+        await agent_cli.serve_sim(agent_args)
