@@ -575,3 +575,30 @@ async def test_state_at_reads_async_and_sync_sources_alike() -> None:
     assert sync.seq == asyn.seq == 5 and sync.state == asyn.state
     with pytest.raises(rp.ReplayError):
         await rp.state_at(records, until_seq=1, until_time=T0)
+
+
+# --- straight from NATS ---------------------------------------------------------------
+
+
+def test_check_reads_the_log_from_nats_without_a_file(
+    history: History, nats_server: EmbeddedNats, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def copy() -> None:  # the recorded history, headers and all, into a fresh stream
+        nc = await connect(nats_server.url, name="replay-copy")
+        try:
+            log = JetStreamEventLog(nc, timeout_s=3.0)
+            await log.ensure_streams()
+            for r in history.records:
+                assert r.event is not None
+                gw = {k: v for k, v in r.headers.items() if k.startswith("Gw-")}
+                assert await log.append(r.subject, [r.event], headers=gw) == [r.seq]
+        finally:
+            await nc.close()
+
+    asyncio.run(copy())
+    status, out, _ = cli(["--nats", nats_server.url, "replay", "--check"], capsys)
+    from_file = main(["replay", "--from-file", str(history.file), "--check"])
+    expected, _ = capsys.readouterr()
+    assert (status, from_file) == (0, 0) and out == expected
+    status, out, _ = cli(["--nats", nats_server.url, "replay", "--json"], capsys)
+    assert json.loads(out) == history.live_summary
