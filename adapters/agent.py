@@ -65,7 +65,7 @@ ENDED_STATES = frozenset({"exited", "dead"})
 COMMAND_CONCURRENCY = 16
 RETRY_DELAY_S = 1.0
 WATCH_RETRY_S = 0.5
-MAX_REMEMBERED_CAUSES = 4096
+MAX_REMEMBERED = 4096
 
 
 class ForeignNodeError(GpuwardenError):
@@ -119,6 +119,7 @@ class Agent:
         self._locks = tuple(anyio.Lock() for _ in range(64))
         self._watch_since: datetime | None = None
         self._causes: OrderedDict[str, str] = OrderedDict()  # run command id -> its cause
+        self._recorded: OrderedDict[str, None] = OrderedDict()  # ids this agent stored
 
     # --- the guard -------------------------------------------------------------------
 
@@ -130,7 +131,12 @@ class Agent:
                 f"agent of node {self.node!r} refused to append {type_of(event)} "
                 f"{event.id} about node {node!r}"
             )
+        if event.id in self._recorded:
+            return  # stored already (the log would drop it too; this saves the round trip)
         await self.log.append(subject_of(event), [event])
+        self._recorded[event.id] = None
+        while len(self._recorded) > MAX_REMEMBERED:
+            self._recorded.popitem(last=False)
 
     # --- the service -----------------------------------------------------------------
 
@@ -413,7 +419,7 @@ class Agent:
         """The watcher may see the start first: it cites the same cause as the command."""
         if command.causation_id is not None:
             self._causes[command.id] = command.causation_id
-            while len(self._causes) > MAX_REMEMBERED_CAUSES:
+            while len(self._causes) > MAX_REMEMBERED:
                 self._causes.popitem(last=False)
 
     async def _start_failed(self, command: RunCommand, error: str) -> None:
