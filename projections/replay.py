@@ -188,6 +188,13 @@ class _Walk:
         while len(self.pending) > self.lookahead:
             self._fold(self.pending.popleft())
 
+    def cut(self, beyond: StoredEvent) -> None:
+        """The input stops before `beyond`: a round it continues is only partly here."""
+        found = self.current
+        if found is not None and round_key(beyond) == found.key:
+            self.current = None
+            self._skip(found, f"cut off by the replay limit before sequence {beyond.seq}")
+
     def finish(self) -> State:
         self._settle_current()
         while self.pending:
@@ -290,6 +297,7 @@ async def _each(records: Records) -> AsyncIterator[StoredEvent]:
 async def _run(records: Records, walk: _Walk, until: Callable[[StoredEvent], bool]) -> State:
     async for record in _each(records):
         if until(record):
+            walk.cut(record)
             break
         walk.feed(record)
     return walk.finish()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -562,6 +563,20 @@ async def test_a_round_whose_trigger_is_not_in_the_log_is_unverifiable() -> None
     assert result.mismatches == []
     [skipped] = result.unverifiable
     assert skipped.seq == victim.seq and "trigger nope is not in the log" in skipped.reason
+
+
+async def test_a_limit_inside_a_round_leaves_that_round_unverified_not_mismatched() -> None:
+    records = driver_records(driven())
+    big = next(
+        r for r, nxt in itertools.pairwise(records)
+        if rp.round_key(r) is not None and rp.round_key(r) == rp.round_key(nxt)
+    )  # fmt: skip
+    result = await rp.check(records, until_seq=big.seq)
+    assert result.mismatches == []
+    [cut] = result.unverifiable
+    assert "cut off by the replay limit" in cut.reason and cut.seq <= big.seq
+    whole = await rp.check(records)
+    assert result.rounds < whole.rounds
 
 
 async def test_state_at_reads_async_and_sync_sources_alike() -> None:
