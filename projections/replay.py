@@ -39,7 +39,14 @@ from gpuwarden.engine.events import (
 from gpuwarden.engine.policy import DEFAULT_POLICY, Policy
 from gpuwarden.engine.ports import BASIS_HEADER, TRIGGER_HEADER, StoredEvent
 from gpuwarden.engine.runtime import MAX_EVENT_BYTES, POLICY_HEADER, policy_digest
-from gpuwarden.engine.supervisor import State, decide_many, evolve, initial_state, reconcile
+from gpuwarden.engine.supervisor import (
+    State,
+    TaskState,
+    decide_many,
+    evolve,
+    initial_state,
+    reconcile,
+)
 
 Records = Iterable[StoredEvent] | AsyncIterable[StoredEvent]
 Progress = Callable[[int], None]
@@ -348,7 +355,7 @@ def summarize(state: State, seq: int = 0, at: datetime | None = None) -> dict[st
     }
 
 
-def _task_row(task: Any) -> dict[str, Any]:
+def _task_row(task: TaskState) -> dict[str, Any]:
     attempt = task.current
     failure = task.failure
     return {
