@@ -316,6 +316,37 @@ async def test_unknown_labelled_container_is_reported_not_killed(
     assert ghost.status == "running"
 
 
+@pytest.mark.docker
+async def test_a_redelivered_run_starts_one_container_and_logs_one_start(
+    node: Node, test_image: str
+) -> None:
+    agent = await node.start()
+    command = await node.send_run(test_image, ["sleep", "30"])
+    await wait_event(node.log, about(command.task_id, ev.ContainerStarted))
+    assert await agent.handle(command) is True  # as after a lost ack
+    containers = [c for c in await node.runtime.list_managed() if c.task_id == command.task_id]
+    assert len(containers) == 1
+    types = [ev.type_of(e) for e in await task_events(node.log, command.task_id)]
+    assert types.count("container.started") == 1
+
+
+@pytest.mark.docker
+async def test_a_run_it_cannot_carry_out_is_answered_not_dropped(node: Node) -> None:
+    agent = node.make_agent()
+    command = RunCommand(
+        id=new_id(),
+        node="some-other-node",
+        task_id="t-misrouted",
+        attempt=1,
+        image="img",
+        command=("true",),
+    )
+    assert await agent.handle(command) is True
+    failed = await wait_event(node.log, about("t-misrouted", ev.ContainerStartFailed))
+    assert isinstance(failed.event, ev.ContainerStartFailed)
+    assert failed.event.node == node.name and "some-other-node" in failed.event.error
+
+
 # --- the guard and heartbeats ---------------------------------------------------------
 
 
