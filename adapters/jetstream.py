@@ -694,9 +694,41 @@ class JetStreamCommandBus:
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=timeout_s)
+        self._acks = _PubAcks(nc)
         self.ack_wait_s = ack_wait_s
         self.timeout_s = timeout_s
         self.poll_s = poll_s
+
+    async def send_many(self, commands: Sequence[Command]) -> None:
+        """Publish several commands pipelined (in order), then wait for every ack."""
+        if len(commands) == 1:
+            await self.send(commands[0])
+            return
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        try:
+            with anyio.fail_after(self.timeout_s + len(commands) / 1000):
+                for command in commands:
+                    futures.append(
+                        await self._acks.publish(
+                            command_subject(command.node),
+                            encode_command(command),
+                            {MSG_ID: command.id},
+                        )
+                    )
+                answers = [await future for future in futures]
+        except TimeoutError:
+            raise EventLogError(
+                f"sending {len(commands)} commands timed out; resending is safe (msg ids)"
+            ) from None
+        except nats.errors.Error as exc:
+            raise EventLogError(f"sending {len(commands)} commands failed: {exc}") from exc
+        finally:
+            self._acks.forget(futures)
+        for command, answer in zip(commands, answers, strict=True):
+            if answer.get("error") is not None:
+                raise EventLogError(
+                    f"command {command.id} to {command.node} refused: {answer['error']}"
+                )
 
     async def send(self, command: Command) -> None:
         subject = command_subject(command.node)

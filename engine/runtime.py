@@ -112,6 +112,8 @@ class Engine:
         self.deciding = False  # a round is between deciding and its append's ack
         self.caught_up = anyio.Event()
         self.progress = anyio.Event()  # set (and replaced) after each fold batch
+        self.outbox: list[Command] = []  # commands for the dispatcher, in decision order
+        self._outbox_ready = anyio.Event()
         self._news = anyio.Event()  # something outside the log changed (a heartbeat)
         self.backoff_s = 0.0  # after a failed append, before the next round
         if liveness is not None:
@@ -145,8 +147,7 @@ class Engine:
             if not self.triggers:
                 self.trigger_since = time.perf_counter()
             self.triggers.append(event)
-            for command in commands_for(self.state, event):
-                await self._send(command)
+            self.outbox.extend(commands_for(self.state, event))
         if self.liveness is not None and isinstance(event, NodeLost | NodeRecovered):
             self.liveness.settled(event.node, lost=isinstance(event, NodeLost))
 
@@ -160,12 +161,34 @@ class Engine:
             except Exception as exc:  # the log keeps the original; never stop the engine
                 log.error("dead-lettering seq %s failed: %s", record.seq, exc)
 
-    async def _send(self, command: Command) -> None:
-        try:
-            await self.bus.send(command)
-            self.metrics.commands_sent += 1
-        except Exception as exc:
-            log.error("sending %s to %s failed: %s", command.id, command.node, exc)
+    async def _dispatch(self) -> None:
+        """Send queued commands in order, pipelined, without holding up the fold.
+
+        A batch that fails is sent again: msg ids make a resend harmless.
+        """
+        send_many = getattr(self.bus, "send_many", None)
+        while True:
+            while not self.outbox:
+                await self._outbox_ready.wait()
+                self._outbox_ready = anyio.Event()
+            batch = self.outbox[:256]
+            try:
+                if send_many is not None:
+                    await send_many(batch)
+                else:
+                    for command in batch:
+                        await self.bus.send(command)
+            except Exception as exc:
+                log.error("sending %d commands failed, retrying: %s", len(batch), exc)
+                await anyio.sleep(0.2)
+                continue
+            del self.outbox[: len(batch)]
+            self.metrics.commands_sent += len(batch)
+            self._signal_progress()
+
+    def _kick_dispatcher(self) -> None:
+        if self.outbox:
+            self._outbox_ready.set()
 
     # --- deciding ----------------------------------------------------------------
 
@@ -270,8 +293,7 @@ class Engine:
         for task in self.state.tasks.values():
             attempt = task.current
             if attempt is not None and attempt.live and not attempt.started:
-                for command in commands_for(self.state, attempt.scheduled):
-                    await self._send(command)
+                self.outbox.extend(commands_for(self.state, attempt.scheduled))
         self.caught_up.set()
 
     async def run(
@@ -283,6 +305,8 @@ class Engine:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._pump, send, self.folded + 1)
             tg.start_soon(self._measure_lag)
+            tg.start_soon(self._dispatch)
+            self._kick_dispatcher()
             task_status.started()
             await self._loop(receive)
 
@@ -311,6 +335,7 @@ class Engine:
                     except anyio.WouldBlock:
                         break
                     await self._fold(record)
+                self._kick_dispatcher()
                 self._signal_progress()
             if self.awaiting > self.folded:
                 continue  # our last decision is not folded back yet
@@ -381,6 +406,7 @@ class Engine:
                 due = self.due()
                 busy = (
                     self.deciding
+                    or bool(self.outbox)
                     or self.folded < end
                     or self.awaiting > self.folded
                     or bool(self.triggers)
