@@ -94,8 +94,8 @@ def place(
     taken_set = taken if isinstance(taken, set | frozenset) else set(taken)
     if candidates is None:
         candidates = preference_order(nodes, gpus, taken_set, request.gpus)
-    found = _first_fit(request, nodes, gpus, taken_set, candidates)
-    return found if found is not None else _no_fit(request, nodes, gpus)
+    found = first_fit(request, nodes, gpus, taken_set, candidates)
+    return found if found is not None else why_not(request, nodes, gpus)
 
 
 def preference_order(
@@ -120,13 +120,14 @@ def preference_order(
     return [name for _, name in sorted(counted)]
 
 
-def _first_fit(
+def first_fit(
     request: PlacementRequest,
     nodes: Mapping[str, NodeView],
     gpus: Mapping[str, GpuView],
     taken: set[str] | frozenset[str],
     names: Iterable[str],
 ) -> Placement | None:
+    """The first of `names` (in preference order) with enough eligible GPUs."""
     for name in names:
         node = nodes[name]
         if name in request.exclude_nodes or not node.alive:
@@ -147,7 +148,7 @@ def _first_fit(
     return None
 
 
-def _no_fit(
+def why_not(
     request: PlacementRequest, nodes: Mapping[str, NodeView], gpus: Mapping[str, GpuView]
 ) -> NoFit:
     """Why nothing fits, from the whole cluster: could it ever, and what stands in the way."""

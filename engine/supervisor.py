@@ -52,7 +52,13 @@ from gpuwarden.engine.faults import (
     classify,
     gpu_fault_class,
 )
-from gpuwarden.engine.placement import NoFit, Placement, PlacementRequest, place
+from gpuwarden.engine.placement import (
+    NoFit,
+    Placement,
+    PlacementRequest,
+    first_fit,
+    why_not,
+)
 from gpuwarden.engine.policy import DEFAULT_POLICY, Policy, Verdict, judge
 
 ENGINE = "engine"
@@ -816,6 +822,7 @@ def _placement_round(r: _Round) -> None:
         if isinstance(event, GpuQuarantined):
             _take(r, event.gpu_uuid)
     tasks = sorted((state.tasks[t] for t in state.waiting), key=lambda t: t.order)
+    why: dict[PlacementRequest, NoFit] = {}  # one diagnosis per request shape and round
     for task in tasks:
         rebuild = task.rebuild
         if rebuild is not None and rebuild.not_before > r.now:
@@ -828,14 +835,18 @@ def _placement_round(r: _Round) -> None:
             exclude_gpus=frozenset(rebuild.exclude_gpus) if rebuild else frozenset(),
             exclude_nodes=frozenset(rebuild.exclude_nodes) if rebuild else frozenset(),
         )
-        result = place(
-            request, state.nodes, state.gpus, r.taken, candidates=_candidates(r, spec.gpus)
+        candidates = _candidates(r, spec.gpus)
+        found = (
+            first_fit(request, state.nodes, state.gpus, r.taken, candidates) if candidates else None
         )
         parent = rebuild.id if rebuild is not None else spec.id
-        if isinstance(result, Placement):
-            _schedule(r, task, result, parent)
-        else:
-            _not_placed(r, task, result, parent)
+        if found is not None:
+            _schedule(r, task, found, parent)
+            continue
+        nofit = why.get(request)
+        if nofit is None:
+            nofit = why[request] = why_not(request, state.nodes, state.gpus)
+        _not_placed(r, task, nofit, parent)
 
 
 def _take(r: _Round, uuid: str) -> None:
