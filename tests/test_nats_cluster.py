@@ -5,8 +5,10 @@ from __future__ import annotations
 from contextlib import aclosing
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
+import nats.errors
 from gpuwarden.adapters.embedded_nats import start_cluster
 from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
 from gpuwarden.engine import events as ev
@@ -27,7 +29,7 @@ async def test_killing_the_stream_leader_loses_no_acknowledged_event(tmp_path: P
             log = JetStreamEventLog(nc, replicas=3, timeout_s=2.0)
             with anyio.fail_after(10):
                 await log.ensure_streams()
-            info = await log.js.stream_info(ev.EVENTS_STREAM)
+            info = await _stream_with_leader(log)
             assert info.cluster is not None and len(info.cluster.replicas or []) == 2
             leader = next(s for s in cluster.servers if s.server_name == info.cluster.leader)
             acked: list[str] = []
@@ -56,3 +58,17 @@ async def _append_until_acked(log: JetStreamEventLog, event: ev.TaskPending) -> 
             return
         except EventLogError:
             await anyio.sleep(0.05)
+
+
+async def _stream_with_leader(log: JetStreamEventLog) -> Any:
+    """The stream's info once its group has elected a leader (creation returns before)."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                info = await log.js.stream_info(ev.EVENTS_STREAM)
+            except nats.errors.Error:
+                info = None
+            if info is not None and info.cluster is not None and info.cluster.leader:
+                if len(info.cluster.replicas or []) == 2:
+                    return info
+            await anyio.sleep(0.05)  # polling the server's own state, with a deadline
