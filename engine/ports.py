@@ -32,7 +32,9 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 # Headers the engine puts on every message of a decision, so `replay --check` can
 # re-derive it from exactly the state the engine saw: the last stream sequence it had
-# folded, and the event id that triggered the decision ("timer" for a due timer).
+# folded, and what it decided on: "FROM-TO", the stream sequences of the events folded
+# since its last round (undecodable ones excepted), "timer" for due timers only, or
+# "reconcile" for the startup sweep.
 BASIS_HEADER = "Gw-Basis"
 TRIGGER_HEADER = "Gw-Trigger"
 

@@ -107,6 +107,7 @@ class Engine:
         self.folded = 0  # last stream sequence folded
         self.awaiting = 0  # our own last append's sequence, until folded back
         self.triggers: list[Event] = []
+        self.trigger_seqs: list[int] = []  # their stream sequences (always a contiguous run)
         self.trigger_since: float | None = None
         self.live = False
         self.deciding = False  # a round is between deciding and its append's ack
@@ -147,6 +148,7 @@ class Engine:
             if not self.triggers:
                 self.trigger_since = time.perf_counter()
             self.triggers.append(event)
+            self.trigger_seqs.append(record.seq)
             self.outbox.extend(commands_for(self.state, event))
         if self.liveness is not None and isinstance(event, NodeLost | NodeRecovered):
             self.liveness.settled(event.node, lost=isinstance(event, NodeLost))
@@ -206,7 +208,9 @@ class Engine:
         """Decide on everything folded since the last round, and on due timers."""
         now = self.clock.now()
         triggers = self.triggers[:MAX_TRIGGERS_PER_ROUND]
+        seqs = self.trigger_seqs[:MAX_TRIGGERS_PER_ROUND]
         del self.triggers[:MAX_TRIGGERS_PER_ROUND]
+        del self.trigger_seqs[:MAX_TRIGGERS_PER_ROUND]
         started = self.trigger_since
         self.trigger_since = time.perf_counter() if self.triggers else None
         if self.liveness is not None:
@@ -214,10 +218,13 @@ class Engine:
         decisions = decide_many(self.state, triggers, now)
         if not decisions:
             return
-        ids = ",".join(e.id for e in triggers) or "timer"
-        stored = await self._commit(decisions, ids)
+        # The triggers are every event folded since the last round: a run of sequences
+        # (dead letters inside it are skipped by replay just as they were here).
+        span = f"{seqs[0]}-{seqs[-1]}" if seqs else "timer"
+        stored = await self._commit(decisions, span)
         if not stored:
             self.triggers[:0] = triggers  # someone else decided; read on, decide again
+            self.trigger_seqs[:0] = seqs
             return
         if started is not None:
             self.metrics.decision_latency.observe(time.perf_counter() - started)

@@ -16,6 +16,7 @@ No network code: the records come from `EventLog.read` or `read_jsonl`, sync or 
 
 from __future__ import annotations
 
+import re
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ Progress = Callable[[int], None]
 
 LOOKAHEAD = 100_000  # records held unfolded while waiting for the next round's basis
 TRIGGER_MEMORY = 100_000  # recent events kept by id, to look up a round's triggers
+_TRIGGER_SPAN = re.compile(r"(\d+)-(\d+)")
 PROGRESS_EVERY = 2_000
 ENGINE = "engine"
 
@@ -173,6 +175,7 @@ class _Walk:
         self.folded_seq = 0
         self.last_at: datetime | None = None
         self.by_id: OrderedDict[str, Event] = OrderedDict()
+        self.by_seq: OrderedDict[int, Event] = OrderedDict()
         self.rounds = 0
         self.read = 0
         self.unverifiable: list[Unverifiable] = []
@@ -230,6 +233,9 @@ class _Walk:
         self.by_id.move_to_end(event.id)
         if len(self.by_id) > TRIGGER_MEMORY:
             self.by_id.popitem(last=False)
+        self.by_seq[record.seq] = event
+        if len(self.by_seq) > TRIGGER_MEMORY:
+            self.by_seq.popitem(last=False)
 
     def _settle_current(self) -> None:
         found, self.current = self.current, None
@@ -269,8 +275,14 @@ class _Walk:
             return None
         if text == "timer":
             return []
+        span = _TRIGGER_SPAN.fullmatch(text)
+        if span is not None:  # the folded events from..to (undecodable ones were skipped)
+            first, last = int(span.group(1)), int(span.group(2))
+            if first not in self.by_seq and first <= self.folded_seq:
+                return f"triggers from sequence {first} are no longer in replay's memory"
+            return [e for seq, e in self.by_seq.items() if first <= seq <= last]
         events = []
-        for trigger_id in text.split(","):
+        for trigger_id in text.split(","):  # the older form: a list of event ids
             event = self.by_id.get(trigger_id)
             if event is None:
                 return f"trigger {trigger_id} is not in the log before the round's basis"
