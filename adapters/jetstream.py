@@ -339,19 +339,34 @@ class JetStreamEventLog:
             await self._ensure(config)
 
     async def _ensure(self, config: api.StreamConfig) -> None:
+        """Create or check one stream; a cluster still forming is waited for (deadline)."""
+        assert config.name is not None
+        deadline = anyio.current_time() + max(self.timeout_s, 10.0)
+        while True:
+            try:
+                info = await self._find_or_create(config)
+                break
+            except (nats.errors.Error, TimeoutError) as exc:
+                # "no suitable peers for placement" (10005) and friends: a JetStream
+                # cluster whose servers have not all met yet. Try again until the deadline.
+                if anyio.current_time() >= deadline:
+                    raise EventLogError(f"cannot create stream {config.name}: {exc}") from exc
+                await anyio.sleep(0.2)
+        if info is not None:
+            check_compatible(config, info.config)
+
+    async def _find_or_create(self, config: api.StreamConfig) -> api.StreamInfo | None:
         assert config.name is not None
         try:
+            return await self.js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
             try:
-                info = await self.js.stream_info(config.name)
-            except nats.js.errors.NotFoundError:
-                try:
-                    await self.js.add_stream(config)
-                    return
-                except nats.js.errors.BadRequestError:
-                    info = await self.js.stream_info(config.name)  # lost a creation race
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise EventLogError(f"cannot create stream {config.name}: {exc}") from exc
-        check_compatible(config, info.config)
+                await self.js.add_stream(config)
+                return None
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code == 10058:  # already in use: lost a creation race
+                    return await self.js.stream_info(config.name)
+                raise
 
     # --- appends ---------------------------------------------------------------------
 
