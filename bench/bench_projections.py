@@ -7,12 +7,14 @@
    1,000,000 events, built directly with the writer (`apply`); build time reported.
    Goal <= 10 ms.
 
-Run: .venv/bin/python -m bench.bench_projections [--events N] [--big N]
+Run: .venv/bin/python -m bench.bench_projections [--events N] [--big N] [--only rebuild|query]
+     [--profile FILE]  (cProfile of the rebuilds only, for `python -m pstats FILE`)
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import random
 import statistics
 import tempfile
@@ -105,7 +107,7 @@ def stored_stream(total: int) -> Iterator[StoredEvent]:
 # --- 1. rebuild vs raw ordered read ------------------------------------------------
 
 
-async def bench_rebuild(events: int, workdir: Path) -> None:
+async def bench_rebuild(events: int, workdir: Path, profile: str | None = None) -> None:
     from gpuwarden.adapters.embedded_nats import EmbeddedNats
     from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
 
@@ -126,6 +128,7 @@ async def bench_rebuild(events: int, workdir: Path) -> None:
             print(f"log: {events} events published in {time.perf_counter() - started:.1f}s "
                   "(fsync always)")  # fmt: skip
             raw_rates, fold_rates = [], []
+            profiler = cProfile.Profile() if profile else None
             for _ in range(2):
                 t = time.perf_counter()
                 n = 0
@@ -134,11 +137,17 @@ async def bench_rebuild(events: int, workdir: Path) -> None:
                 assert n == events
                 raw_rates.append(events / (time.perf_counter() - t))
                 async with ProjectionStore(workdir / f"rebuild-{len(fold_rates)}") as store:
+                    if profiler is not None:
+                        profiler.enable()
                     t = time.perf_counter()
                     assert await store.rebuild(log) == events
                     fold_rates.append(events / (time.perf_counter() - t))
+                    if profiler is not None:
+                        profiler.disable()
         finally:
             await nc.close()
+    if profiler is not None and profile:
+        profiler.dump_stats(profile)
     raw, fold = max(raw_rates), max(fold_rates)
     print(f"raw ordered read:     {raw:>10,.0f} events/s")
     print(f"projection rebuild:   {fold:>10,.0f} events/s (into SQLite, WAL, one tx per batch)")
@@ -177,15 +186,19 @@ async def bench_query(big: int, workdir: Path, samples: int = 400) -> None:
               "(goal p99 <= 10 ms)")  # fmt: skip
 
 
-async def main(events: int, big: int) -> None:
+async def main(events: int, big: int, only: str | None, profile: str | None) -> None:
     with tempfile.TemporaryDirectory(prefix="gw-bench-proj-") as tmp:
-        await bench_rebuild(events, Path(tmp))
-        await bench_query(big, Path(tmp))
+        if only in (None, "rebuild"):
+            await bench_rebuild(events, Path(tmp), profile)
+        if only in (None, "query"):
+            await bench_query(big, Path(tmp))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=30_000)
     parser.add_argument("--big", type=int, default=1_000_000)
+    parser.add_argument("--only", choices=("rebuild", "query"), default=None)
+    parser.add_argument("--profile", default=None, help="write a cProfile of the rebuilds here")
     options = parser.parse_args()
-    anyio.run(main, options.events, options.big)
+    anyio.run(main, options.events, options.big, options.only, options.profile)

@@ -156,6 +156,8 @@ def format_time(value: datetime | None) -> str | None:
     """UTC ISO-8601 with microseconds: fixed width, so text order is time order."""
     if value is None:
         return None
+    if value.tzinfo is UTC:  # what the decoder gives: skip the offset arithmetic
+        return value.isoformat(timespec="microseconds")
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     elif value.utcoffset():
@@ -440,6 +442,66 @@ def index_row(stored: StoredEvent, at: str | None = None) -> EventRow:
         headers=dict(stored.headers),
         payload=payload_text(stored),
     )
+
+
+def index_values(stored: StoredEvent, at: str | None = None) -> tuple[Any, ...]:
+    """`index_row` as the flat tuple of column values the store inserts (EventRow's field
+    order, headers as JSON text or None); the rebuild's hot path builds no EventRow."""
+    e: Any = stored.event
+    if e is None:
+        return row_values(index_row(stored, at))
+    data = stored.data
+    headers = stored.headers
+    return (
+        stored.seq,
+        stored.subject,
+        ev.type_of(e),
+        getattr(e, "task_id", None),
+        getattr(e, "attempt", None),
+        getattr(e, "gpu_uuid", None),
+        getattr(e, "node", None),
+        getattr(e, "container_id", None),
+        at or format_time(e.at),
+        e.actor,
+        e.id,
+        e.causation_id,
+        e.correlation_id,
+        None,
+        _encoder.encode(headers).decode() if headers else None,
+        data.decode("utf-8", errors="replace") if data else ev.encode(e).decode(),
+    )
+
+
+def row_values(row: EventRow) -> tuple[Any, ...]:
+    """An EventRow as the column values of the events table."""
+    return (
+        row.seq,
+        row.subject,
+        row.type,
+        row.task,
+        row.attempt,
+        row.gpu,
+        row.node,
+        row.container,
+        row.at,
+        row.actor,
+        row.id,
+        row.causation,
+        row.correlation,
+        row.error,
+        _encoder.encode(row.headers).decode() if row.headers else None,
+        row.payload,
+    )
+
+
+def project_values(model: Model, stored: StoredEvent) -> tuple[Any, ...]:
+    """`project`, returning the events-index row as `index_values` does."""
+    e = stored.event
+    if e is None:
+        return index_values(stored)
+    at = format_time(e.at)
+    HANDLERS[type(e)](model, e, at)
+    return index_values(stored, at)
 
 
 def project(model: Model, stored: StoredEvent) -> EventRow:

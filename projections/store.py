@@ -9,11 +9,17 @@ handful of `executemany` calls, not one statement per event.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import itertools
+import queue
+import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 import aiosqlite
 import anyio
@@ -29,7 +35,7 @@ from gpuwarden.projections.model import (
     NodeRow,
     TaskRow,
     keys_of,
-    project,
+    project_values,
 )
 
 DB_NAME: Final = "projections.sqlite3"
@@ -38,6 +44,17 @@ DEFAULT_BATCH: Final = 2000
 CACHE_LIMIT: Final = 200_000  # rows kept in memory between batches
 
 Progress = Callable[[int, int | None], None]
+_T = TypeVar("_T")
+# WAL with synchronous=NORMAL: a commit is not fsynced, so a power cut may lose the last
+# few transactions, never tear one. That is safe here: each batch commits with its
+# checkpoint, so a lost tail only moves the checkpoint back and the log (the truth) is
+# re-applied from there.
+PRAGMAS: Final = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA temp_store=MEMORY",
+    "PRAGMA cache_size=-65536",
+)
 
 
 class ReadableLog(Protocol):
@@ -113,9 +130,64 @@ def _fields(cls: type[msgspec.Struct]) -> tuple[str, ...]:
     return cls.__struct_fields__
 
 
-def _to_params(row: msgspec.Struct) -> tuple[Any, ...]:
-    values = msgspec.structs.astuple(row)
-    return tuple(_json.encode(v).decode() if isinstance(v, tuple) else v for v in values)
+def _text(values: tuple[str, ...]) -> str:
+    return _json.encode(values).decode()
+
+
+def _task_params(r: TaskRow) -> tuple[Any, ...]:
+    return (
+        r.id,
+        r.name,
+        r.owner,
+        r.image,
+        r.state,
+        r.attempts,
+        r.current_attempt,
+        r.node,
+        _text(r.gpus),
+        r.last_fault,
+        r.failure_reason,
+        r.submitted_at,
+        r.updated_at,
+    )
+
+
+def _attempt_params(r: AttemptRow) -> tuple[Any, ...]:
+    return (
+        r.task,
+        r.attempt,
+        r.node,
+        _text(r.gpus),
+        r.container_id,
+        r.scheduled_at,
+        r.started_at,
+        r.exited_at,
+        r.exit_code,
+        r.signal,
+        r.oom,
+        r.error,
+        r.fault,
+        r.rule,
+        r.outcome,
+    )
+
+
+def _gpu_params(r: GpuRow) -> tuple[Any, ...]:
+    return (
+        r.uuid,
+        r.node,
+        r.index,
+        r.model,
+        r.memory_mb,
+        r.quarantined,
+        r.allocated_task,
+        r.allocated_attempt,
+        r.fault_count,
+    )
+
+
+def _node_params(r: NodeRow) -> tuple[Any, ...]:
+    return (r.name, r.runtime, r.state, _text(r.gpus), r.last_heartbeat)
 
 
 def _row_kwargs(cls: type[msgspec.Struct], values: Sequence[Any]) -> dict[str, Any]:
@@ -153,39 +225,40 @@ def event_row(values: Sequence[Any]) -> EventRow:
     return EventRow(**kw)
 
 
-def _event_params(row: EventRow) -> tuple[Any, ...]:
-    return (
-        row.seq,
-        row.subject,
-        row.type,
-        row.task,
-        row.attempt,
-        row.gpu,
-        row.node,
-        row.container,
-        row.at,
-        row.actor,
-        row.id,
-        row.causation,
-        row.correlation,
-        row.error,
-        _json.encode(row.headers).decode() if row.headers else None,
-        row.payload,
-    )
-
-
 def _upsert(table: str, cls: type[msgspec.Struct]) -> str:
     names = ", ".join(f'"{n}"' for n in _fields(cls))
-    marks = ", ".join("?" for _ in _fields(cls))
-    return f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})"
+    return f"INSERT OR REPLACE INTO {table} ({names}) VALUES "
 
 
-_INSERT_EVENT: Final = f"INSERT INTO events VALUES ({', '.join('?' * 16)})"
+_INSERT_EVENT: Final = "INSERT INTO events VALUES "
 _UPSERT_TASK: Final = _upsert("tasks", TaskRow)
 _UPSERT_ATTEMPT: Final = _upsert("attempts", AttemptRow)
 _UPSERT_GPU: Final = _upsert("gpus", GpuRow)
 _UPSERT_NODE: Final = _upsert("nodes", NodeRow)
 _CHUNK: Final = 500  # SQLite host parameters per IN (...) list
+# Rows per multi-row INSERT: one statement binds its parameters under the GIL, then runs
+# the whole insert in C with the GIL released, so the fold goes on meanwhile (executemany
+# takes the GIL back after every row and waits for it behind the fold).
+_ROWS_PER_INSERT: Final = 2000
+
+
+@functools.lru_cache(maxsize=64)
+def _values_sql(head: str, width: int, rows: int) -> str:
+    row = "(" + ",".join("?" * width) + ")"
+    return head + ",".join([row] * rows)
+
+
+def _inserts(head: str, rows: list[tuple[Any, ...]], limit: int) -> list[_Statement]:
+    """Multi-row INSERTs of `rows`, each within SQLite's host-parameter limit."""
+    if not rows:
+        return []
+    width = len(rows[0])
+    step = max(1, min(_ROWS_PER_INSERT, limit // width))
+    out = []
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        out.append((_values_sql(head, width, len(chunk)), list(itertools.chain(*chunk))))
+    return out
 
 
 def _chunks(values: Iterable[Any]) -> Iterable[list[Any]]:
@@ -194,11 +267,138 @@ def _chunks(values: Iterable[Any]) -> Iterable[list[Any]]:
         yield items[start : start + _CHUNK]
 
 
+_Statement = tuple[str, list[Any]]
+
+
 class _Prepared(NamedTuple):
-    events: list[tuple[Any, ...]]
-    rows: list[tuple[str, list[tuple[Any, ...]]]]
+    statements: list[_Statement]
     last: int
     size: int
+
+
+class _Loaded(NamedTuple):
+    tasks: list[Any]
+    attempts: list[Any]
+    gpus: list[Any]
+    nodes: list[Any]
+
+
+# --- the writer connection (its calls run in a worker thread, one at a time) ---------
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    for pragma in PRAGMAS:
+        conn.execute(pragma)
+    return conn
+
+
+def _set_checkpoint(conn: sqlite3.Connection, last: int) -> None:
+    conn.execute("UPDATE checkpoint SET last_seq = ? WHERE id = 1", (last,))
+
+
+def _write(conn: sqlite3.Connection, statements: list[_Statement], last: int) -> None:
+    """One batch and its checkpoint in one transaction: all of it or none of it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, params in statements:
+            conn.execute(sql, params)
+        _set_checkpoint(conn, last)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _select_in(conn: sqlite3.Connection, sql: str, keys: list[Any]) -> list[Any]:
+    rows: list[Any] = []
+    for chunk in _chunks(keys):
+        marks = ",".join("?" * len(chunk))
+        rows.extend(conn.execute(sql.format(marks=marks), chunk).fetchall())
+    return rows
+
+
+def _read_rows(
+    conn: sqlite3.Connection, tasks: list[str], gpus: list[str], nodes: list[str]
+) -> _Loaded:
+    """The persisted rows of these tasks (with their attempts), GPUs and nodes."""
+    return _Loaded(
+        tasks=_select_in(conn, "SELECT * FROM tasks WHERE id IN ({marks})", tasks),
+        attempts=_select_in(conn, "SELECT * FROM attempts WHERE task IN ({marks})", tasks),
+        gpus=_select_in(conn, "SELECT * FROM gpus WHERE uuid IN ({marks})", gpus),
+        nodes=_select_in(conn, "SELECT * FROM nodes WHERE name IN ({marks})", nodes),
+    )
+
+
+class _Job:
+    """One call queued for the writer thread; awaiting it gives its result or error."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Any] = self.loop.create_future()
+
+    def run(self, conn: sqlite3.Connection) -> None:
+        try:
+            value, error = self.fn(conn, *self.args), None
+        except BaseException as exc:  # handed to the awaiting task, never lost here
+            value, error = None, exc
+        try:
+            self.loop.call_soon_threadsafe(self._settle, value, error)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        if self.future.done():  # the waiter was cancelled
+            return
+        if error is None:
+            self.future.set_result(value)
+        else:
+            self.future.set_exception(error)
+
+    async def result(self) -> Any:
+        return await self.future
+
+
+class _Writer:
+    """A stdlib sqlite3 connection owned by one dedicated thread.
+
+    aiosqlite costs a round trip (about 100 µs) per statement; here a whole batch is one
+    job. `submit` is synchronous, so the thread starts writing at once while the caller
+    folds the next batch, and jobs run in submission order: a load queued after a commit
+    sees that commit.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.conn = _connect(path)
+        self.max_params = self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        self._thread = threading.Thread(
+            target=self._serve, name=f"projections-writer {path.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while (job := self._jobs.get()) is not None:
+                job.run(self.conn)
+        finally:
+            self.conn.close()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _Job:
+        job = _Job(fn, args)
+        self._jobs.put(job)
+        return job
+
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        result: _T = await self.submit(fn, *args).result()
+        return result
+
+    async def close(self) -> None:
+        self._jobs.put(None)
+        await anyio.to_thread.run_sync(self._thread.join)
 
 
 # --- the store -----------------------------------------------------------------------
@@ -211,6 +411,7 @@ class ProjectionStore:
         path = Path(path)
         self.path = path / DB_NAME if path.is_dir() else path
         self._db: aiosqlite.Connection | None = None
+        self._writer: _Writer | None = None
         self._model = Model()
         self._cache_complete = False  # every persisted row is in self._model
         self._checkpoint = 0
@@ -223,17 +424,16 @@ class ProjectionStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(self.path, isolation_level=None)
         self._db = db
-        for pragma in (
-            "PRAGMA journal_mode=WAL",
-            "PRAGMA synchronous=NORMAL",
-            "PRAGMA temp_store=MEMORY",
-            "PRAGMA cache_size=-65536",
-        ):
+        for pragma in PRAGMAS:
             await db.execute(pragma)
         await self._ensure_schema()
+        self._writer = await anyio.to_thread.run_sync(_Writer, self.path)
         return self
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -254,6 +454,12 @@ class ProjectionStore:
         if self._db is None:
             raise ProjectionStoreError(f"projection store {self.path} is not open")
         return self._db
+
+    @property
+    def writer(self) -> _Writer:
+        if self._writer is None:
+            raise ProjectionStoreError(f"projection store {self.path} is not open")
+        return self._writer
 
     async def _ensure_schema(self) -> None:
         db = self.db
@@ -326,20 +532,24 @@ class ProjectionStore:
             return None
         await self._load(fresh)
         model = self._model
+        limit = self.writer.max_params
         try:
-            events = [_event_params(project(model, stored)) for stored in fresh]
-            rows = [
-                (_UPSERT_TASK, [_to_params(model.tasks[k]) for k in model.dirty_tasks]),
-                (_UPSERT_ATTEMPT, [_to_params(model.attempts[k]) for k in model.dirty_attempts]),
-                (_UPSERT_GPU, [_to_params(model.gpus[k]) for k in model.dirty_gpus]),
-                (_UPSERT_NODE, [_to_params(model.nodes[k]) for k in model.dirty_nodes]),
-            ]
+            events = [project_values(model, stored) for stored in fresh]
+            statements = _inserts(_INSERT_EVENT, events, limit)
+            for head, params in (
+                (_UPSERT_TASK, [_task_params(model.tasks[k]) for k in model.dirty_tasks]),
+                (_UPSERT_ATTEMPT,
+                 [_attempt_params(model.attempts[k]) for k in model.dirty_attempts]),
+                (_UPSERT_GPU, [_gpu_params(model.gpus[k]) for k in model.dirty_gpus]),
+                (_UPSERT_NODE, [_node_params(model.nodes[k]) for k in model.dirty_nodes]),
+            ):  # fmt: skip
+                statements += _inserts(head, params, limit)
         except BaseException:
             self._forget()
             raise
         model.clear_dirty()
         self._planned = last
-        return _Prepared(events=events, rows=rows, last=last, size=len(fresh))
+        return _Prepared(statements=statements, last=last, size=len(fresh))
 
     def _forget(self) -> None:
         """Memory holds changes that will not be committed: drop it, reload from SQLite."""
@@ -357,22 +567,15 @@ class ProjectionStore:
             self._cache_complete = False
 
     async def _commit(self, prepared: _Prepared) -> None:
-        db = self.db
+        await self._settle(self.writer.submit(_write, prepared.statements, prepared.last), prepared)
+
+    async def _settle(self, job: _Job, prepared: _Prepared) -> None:
+        """Wait for a batch's commit; only then is its checkpoint the store's."""
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await db.executemany(_INSERT_EVENT, prepared.events)
-                for sql, params in prepared.rows:
-                    if params:
-                        await db.executemany(sql, params)
-                await db.execute(
-                    "UPDATE checkpoint SET last_seq = ? WHERE id = 1", (prepared.last,)
-                )
-                await db.execute("COMMIT")
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await db.execute("ROLLBACK")
-                raise
+            # The transaction runs whole in the writer thread; a cancel waits for it, so
+            # memory never disagrees with what SQLite committed.
+            with anyio.CancelScope(shield=True):
+                await job.result()
         except BaseException:
             self._forget()
             raise
@@ -385,26 +588,20 @@ class ProjectionStore:
             return
         keys = keys_of(batch)
         model = self._model
-        tasks = [k for k in keys.tasks if k not in model.tasks]
-        for chunk in _chunks(tasks):
-            marks = ",".join("?" * len(chunk))
-            for values in await self._fetch(f"SELECT * FROM tasks WHERE id IN ({marks})", chunk):
-                model.tasks[values[0]] = task_row(values)
-            sql = f"SELECT * FROM attempts WHERE task IN ({marks})"
-            for values in await self._fetch(sql, chunk):
-                model.attempts[(values[0], values[1])] = attempt_row(values)
-        for uuids in _chunks(k for k in keys.gpus if k not in model.gpus):
-            sql = f"SELECT * FROM gpus WHERE uuid IN ({','.join('?' * len(uuids))})"
-            for values in await self._fetch(sql, uuids):
-                model.gpus[values[0]] = gpu_row(values)
-        for names in _chunks(k for k in keys.nodes if k not in model.nodes):
-            sql = f"SELECT * FROM nodes WHERE name IN ({','.join('?' * len(names))})"
-            for values in await self._fetch(sql, names):
-                model.nodes[values[0]] = node_row(values)
-
-    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self.db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        loaded = await self.writer.call(
+            _read_rows,
+            [k for k in keys.tasks if k not in model.tasks],
+            [k for k in keys.gpus if k not in model.gpus],
+            [k for k in keys.nodes if k not in model.nodes],
+        )
+        for values in loaded.tasks:
+            model.tasks[values[0]] = task_row(values)
+        for values in loaded.attempts:
+            model.attempts[(values[0], values[1])] = attempt_row(values)
+        for values in loaded.gpus:
+            model.gpus[values[0]] = gpu_row(values)
+        for values in loaded.nodes:
+            model.nodes[values[0]] = node_row(values)
 
     def _wake(self, last: int) -> None:
         waiting = []
@@ -441,33 +638,37 @@ class ProjectionStore:
         progress: Progress | None,
         end: int | None,
     ) -> None:
-        """Fold batch k+1 in memory while batch k commits in SQLite's thread.
+        """Fold batch k+1 in memory while batch k commits in the writer thread.
 
-        At most one commit is in flight. Loading rows from SQLite (when memory does not
-        hold them all) waits for it, so a load never sees a half-written transaction.
+        At most one commit is in flight. A load of rows from SQLite (when memory does not
+        hold them all) queues behind it in the same thread, so it never sees a
+        half-written transaction.
         """
+        pending: tuple[_Job, _Prepared] | None = None
 
-        async def commit(prepared: _Prepared, done: anyio.Event) -> None:
-            await self._commit(prepared)
-            done.set()
-            if progress is not None:
-                progress(self._checkpoint, end)
+        async def settle() -> None:
+            nonlocal pending
+            if pending is not None:
+                job, prepared = pending
+                pending = None
+                await self._settle(job, prepared)
+                if progress is not None:
+                    progress(self._checkpoint, end)
 
-        previous: anyio.Event | None = None
-        async with anyio.create_task_group() as tg:
+        try:
             async for batch in batches:
-                if previous is not None and not self._cache_complete:
-                    await previous.wait()
                 prepared = await self._prepare(batch)
                 if prepared is None:
                     continue
-                if previous is not None:
-                    await previous.wait()
-                previous = anyio.Event()
-                tg.start_soon(commit, prepared, previous)
+                await settle()
+                job = self.writer.submit(_write, prepared.statements, prepared.last)
+                pending = (job, prepared)
                 if self._large():
-                    await previous.wait()
+                    await settle()
                     self._evict_if_large()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await settle()
 
     async def follow(self, log: ReadableLog, batch_size: int = DEFAULT_BATCH) -> None:
         """Apply live events forever, batching whatever has arrived since the last commit."""

@@ -160,18 +160,18 @@ async def test_a_failed_commit_leaves_rows_and_checkpoint_as_they_were(
     async with ProjectionStore(tmp_path) as store:
         await store.apply(stored[:10])
         before = await snapshot(store)
-        original = store_mod._event_params
+        original = store_mod._set_checkpoint
 
-        def explode(row: m.EventRow) -> tuple[Any, ...]:
-            if row.seq == 15:
+        def explode(conn: Any, last: int) -> None:  # after the batch's rows, before COMMIT
+            if last == 20:
                 raise RuntimeError("disk on fire")
-            return original(row)
+            original(conn, last)
 
-        monkeypatch.setattr(store_mod, "_event_params", explode)
+        monkeypatch.setattr(store_mod, "_set_checkpoint", explode)
         with pytest.raises(RuntimeError):
             await store.apply(stored[10:20])
         assert await snapshot(store) == before
-        monkeypatch.setattr(store_mod, "_event_params", original)
+        monkeypatch.setattr(store_mod, "_set_checkpoint", original)
         await store.apply(stored)
         assert await q.tasks(store) == EXPECTED_TASKS
         assert await q.attempts(store) == EXPECTED_ATTEMPTS
