@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import math
 import queue
 import sqlite3
 import threading
@@ -164,7 +165,7 @@ def _attempt_params(r: AttemptRow) -> tuple[Any, ...]:
         r.exited_at,
         r.exit_code,
         r.signal,
-        r.oom,
+        int(r.oom),
         r.error,
         r.fault,
         r.rule,
@@ -179,7 +180,7 @@ def _gpu_params(r: GpuRow) -> tuple[Any, ...]:
         r.index,
         r.model,
         r.memory_mb,
-        r.quarantined,
+        int(r.quarantined),
         r.allocated_task,
         r.allocated_attempt,
         r.fault_count,
@@ -248,6 +249,13 @@ def _values_sql(head: str, width: int, rows: int) -> str:
     return head + ",".join([row] * rows)
 
 
+# SQLite stores a bound NaN as NULL, and binding a float is a fast path, while CPython
+# 3.11's sqlite3 binds None through its adapter lookup (a failed attribute lookup with a
+# formatted error per value, about a quarter of the write). No row holds a float, so a
+# NaN can only mean NULL.
+_NULL: Final = math.nan
+
+
 def _inserts(head: str, rows: list[tuple[Any, ...]], limit: int) -> list[_Statement]:
     """Multi-row INSERTs of `rows`, each within SQLite's host-parameter limit."""
     if not rows:
@@ -257,7 +265,8 @@ def _inserts(head: str, rows: list[tuple[Any, ...]], limit: int) -> list[_Statem
     out = []
     for start in range(0, len(rows), step):
         chunk = rows[start : start + step]
-        out.append((_values_sql(head, width, len(chunk)), list(itertools.chain(*chunk))))
+        params = [_NULL if v is None else v for v in itertools.chain.from_iterable(chunk)]
+        out.append((_values_sql(head, width, len(chunk)), params))
     return out
 
 
