@@ -209,3 +209,36 @@ async def test_a_restarted_engine_neither_repeats_nor_loses_decisions(
     types1 = await w.types("t1")
     assert types1.count("task.scheduled") == 1 and types1.count("task.completed") == 1
     assert (await w.types("t2")).count("task.scheduled") == 1
+
+
+async def test_metrics_endpoint_reports_what_the_engine_did(world: World) -> None:
+    from gpuwarden.engine.metrics import serve_metrics
+
+    await register(world, "n1", 1)
+    await world.emit(ev.TaskSubmitted, task_id="t1", name="t1", image="i", command=("x",))
+    await world.settle()
+    await world.emit(
+        ev.ContainerExited, task_id="t1", attempt=1, node="n1", container_id="c", exit_code=1
+    )
+    world.clock.advance(1.5)
+    await world.settle()
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(serve_metrics, world.engine.metrics, 0)
+        with anyio.fail_after(5):
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            async with stream:
+                await stream.send(b"GET /metrics HTTP/1.0\r\n\r\n")
+                body = b""
+                try:
+                    while True:
+                        body += await stream.receive()
+                except anyio.EndOfStream:
+                    pass
+        tg.cancel_scope.cancel()
+    text = body.decode()
+    assert text.startswith("HTTP/1.0 200 OK")
+    assert 'gpuwarden_faults_total{fault="user_error"} 1' in text
+    assert 'gpuwarden_decisions_total{action="task.failed"} 1' in text
+    assert "gpuwarden_events_consumed_total " in text
+    assert "gpuwarden_decision_latency_seconds_count" in text
+    assert "gpuwarden_consumer_lag" in text
