@@ -1,9 +1,10 @@
-"""How long after a container dies does the node agent know how it ended?
+"""How long after a container dies is its `container.exited` stored in the log?
 
-The agent's path: Docker's `die` event reaches DockerRuntime.watch(), which inspects
-the container (exit code, OOMKilled, Error) and yields an observation with ExitInfo.
-The floor is Docker's own event stream: when a raw subscriber receives `die`. Both are
-measured in the same run, on the same containers, from the container's FinishedAt.
+Three clocks on the same containers, in the same run, all from the container's own
+FinishedAt: Docker's raw event stream (when a bare subscriber receives `die`: the
+floor), DockerRuntime.watch() + inspect (when the agent knows how it ended), and the
+whole node agent (adapters/agent.py, commanded over the real bus) until its
+`container.exited` is stored in the real JetStream log of an embedded nats-server.
 
     DOCKER_HOST=unix:///tmp/dk/docker.sock .venv/bin/python -m bench.bench_docker [samples]
 """
@@ -123,10 +124,116 @@ async def measure(samples: int) -> tuple[list[float], list[float]]:
     return raw_ms, observed_ms
 
 
+async def measure_agent(samples: int) -> tuple[list[float], list[float]]:
+    """The whole agent: run command over the bus, kill, container.exited stored."""
+    import tempfile
+    from pathlib import Path
+
+    from gpuwarden.adapters.agent import Agent
+    from gpuwarden.adapters.embedded_nats import EmbeddedNats
+    from gpuwarden.adapters.heartbeats import NatsHeartbeats
+    from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+    from gpuwarden.adapters.nvml_probe import declared_inventory
+    from gpuwarden.engine import events as ev
+    from gpuwarden.engine.clock import SystemClock
+
+    client = docker.from_env()
+    node = f"bench-{uuid.uuid4().hex[:8]}"
+    raw = RawDieListener(client, node)
+    raw_ms: list[float] = []
+    stored_ms: list[float] = []
+    stored: dict[tuple[str, int], tuple[float, str]] = {}
+    started: dict[tuple[str, int], str] = {}
+    news = anyio.Event()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EmbeddedNats(Path(tmp) / "nats")
+        url = await server.start()
+        nc = await connect(url)
+        try:
+            log = JetStreamEventLog(nc)
+            await log.ensure_streams()
+            bus = JetStreamCommandBus(nc, poll_s=0.2)
+            agent = Agent(
+                node,
+                log,
+                bus,
+                DockerRuntime(client, node, gpu_mode="declared"),
+                declared_inventory(node, 1, "bench", 0),
+                heartbeats=NatsHeartbeats(nc),
+                clock=SystemClock(),
+                inventory_source="declared",
+                stop_timeout_s=1,
+            )
+
+            async def follow() -> None:
+                nonlocal news
+                async for record in log.subscribe(1):
+                    event = record.event
+                    if isinstance(event, ev.ContainerExited):
+                        stored[(event.task_id, event.attempt)] = (time.time(), event.container_id)
+                    elif isinstance(event, ev.ContainerStarted):
+                        started[(event.task_id, event.attempt)] = event.container_id
+                    news.set()
+
+            async def wait_for(key: tuple[str, int], table: dict[Any, Any]) -> None:
+                nonlocal news
+                with anyio.fail_after(DEADLINE_S):
+                    while key not in table:
+                        news = anyio.Event()
+                        await news.wait()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow)
+                await tg.start(agent.run)
+                for i in range(samples + WARMUP):
+                    key = (f"agent-{i}", 1)
+                    await bus.send(
+                        RunCommand(
+                            id=new_id(),
+                            node=node,
+                            task_id=key[0],
+                            attempt=1,
+                            image=IMAGE,
+                            command=("sh", "-c", "sleep 30"),
+                        )
+                    )
+                    await wait_for(key, started)
+                    container = client.containers.get(started[key])
+                    await anyio.to_thread.run_sync(container.kill)
+                    await wait_for(key, stored)
+                    raw_at = await anyio.to_thread.run_sync(raw.wait_for, started[key])
+                    container.reload()
+                    died = parse_finished(container.attrs["State"]["FinishedAt"])
+                    if i >= WARMUP:
+                        raw_ms.append((raw_at - died) * 1000)
+                        stored_ms.append((stored[key][0] - died) * 1000)
+                    await anyio.to_thread.run_sync(lambda c=container: c.remove(force=True))
+                tg.cancel_scope.cancel()
+        finally:
+            raw.close()
+            await nc.close()
+            await server.stop()
+            for leftover in client.containers.list(
+                all=True, filters={"label": f"gpuwarden.node={node}"}
+            ):
+                leftover.remove(force=True)
+            client.close()
+    return raw_ms, stored_ms
+
+
+def parse_finished(text: str) -> float:
+    from gpuwarden.adapters.docker_runtime import parse_docker_time
+
+    moment = parse_docker_time(text)
+    assert moment is not None
+    return moment.timestamp()
+
+
 def main() -> None:
     samples = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     started = time.monotonic()
     raw_ms, observed_ms = anyio.run(measure, samples)
+    agent_raw_ms, stored_ms = anyio.run(measure_agent, samples)
     raw50, raw99 = percentile(raw_ms, 0.5), percentile(raw_ms, 0.99)
     obs50, obs99 = percentile(observed_ms, 0.5), percentile(observed_ms, 0.99)
     print(f"container death -> knowing how it ended, {samples} samples, same run")
@@ -139,6 +246,15 @@ def main() -> None:
     print(
         f"  added by watch+inspect             p50 {obs50 - raw50:+7.2f} ms  mean "
         f"{statistics.fmean(o - r for o, r in zip(observed_ms, raw_ms, strict=True)):+.2f} ms"
+    )
+    araw50, araw99 = percentile(agent_raw_ms, 0.5), percentile(agent_raw_ms, 0.99)
+    st50, st99 = percentile(stored_ms, 0.5), percentile(stored_ms, 0.99)
+    print(f"container killed -> container.exited stored by the agent, {samples} samples")
+    print(f"  raw Docker 'die' event received    p50 {araw50:7.2f} ms   p99 {araw99:7.2f} ms")
+    print(f"  agent: container.exited stored     p50 {st50:7.2f} ms   p99 {st99:7.2f} ms")
+    print(
+        f"  ratio (stored / raw)               p50 {st50 / araw50:7.2f} x    "
+        f"p99 {st99 / araw99:7.2f} x"
     )
     print(f"  (wall {time.monotonic() - started:.1f} s)")
 
