@@ -11,6 +11,7 @@ whole node agent (adapters/agent.py, commanded over the real bus) until its
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import threading
@@ -207,7 +208,7 @@ async def measure_agent(samples: int) -> tuple[list[float], list[float]]:
                     if i >= WARMUP:
                         raw_ms.append((raw_at - died) * 1000)
                         stored_ms.append((stored[key][0] - died) * 1000)
-                    await anyio.to_thread.run_sync(lambda c=container: c.remove(force=True))
+                    await anyio.to_thread.run_sync(functools.partial(container.remove, force=True))
                 tg.cancel_scope.cancel()
         finally:
             raw.close()
