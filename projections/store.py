@@ -237,10 +237,10 @@ _UPSERT_ATTEMPT: Final = _upsert("attempts", AttemptRow)
 _UPSERT_GPU: Final = _upsert("gpus", GpuRow)
 _UPSERT_NODE: Final = _upsert("nodes", NodeRow)
 _CHUNK: Final = 500  # SQLite host parameters per IN (...) list
-# Rows per multi-row INSERT: one statement binds its parameters under the GIL, then runs
-# the whole insert in C with the GIL released, so the fold goes on meanwhile (executemany
-# takes the GIL back after every row and waits for it behind the fold).
-_ROWS_PER_INSERT: Final = 2000
+# Rows per multi-row INSERT. A batch's row count is split into these fixed sizes, so
+# every statement text repeats and stays compiled in the connection's statement cache
+# (compiling a few hundred rows' VALUES costs as much as running it).
+_ROWS_PER_INSERT: Final = (256, 64, 16, 4, 1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -261,12 +261,16 @@ def _inserts(head: str, rows: list[tuple[Any, ...]], limit: int) -> list[_Statem
     if not rows:
         return []
     width = len(rows[0])
-    step = max(1, min(_ROWS_PER_INSERT, limit // width))
     out = []
-    for start in range(0, len(rows), step):
-        chunk = rows[start : start + step]
-        params = [_NULL if v is None else v for v in itertools.chain.from_iterable(chunk)]
-        out.append((_values_sql(head, width, len(chunk)), params))
+    start = 0
+    for size in _ROWS_PER_INSERT:
+        if size * width > limit and size > 1:
+            continue
+        while len(rows) - start >= size:
+            chunk = rows[start : start + size]
+            params = [_NULL if v is None else v for v in itertools.chain.from_iterable(chunk)]
+            out.append((_values_sql(head, width, size), params))
+            start += size
     return out
 
 
