@@ -81,12 +81,18 @@ async def connect(
     (nats-py would otherwise retry an unreachable server forever).
     """
     servers = [part.strip() for part in url.split(",") if part.strip()]
+    problems: list[str] = []
+
+    async def remember(exc: Exception) -> None:
+        problems[:] = [str(exc) or type(exc).__name__]  # the last one is enough
+        await _log_error(exc)
+
     settings: dict[str, Any] = {
         "name": name,
         "reconnect_time_wait": 0.2,
         "max_reconnect_attempts": -1,
         "connect_timeout": 2,
-        "error_cb": _log_error,
+        "error_cb": remember,
     }
     settings.update(options)
     if creds:
@@ -97,7 +103,8 @@ async def connect(
         with anyio.fail_after(deadline_s):
             return await nats.connect(servers, **settings)
     except TimeoutError:
-        raise EventLogError(f"cannot connect to NATS at {url} within {deadline_s}s") from None
+        why = f" (last error: {problems[-1]})" if problems else ""
+        raise EventLogError(f"cannot connect to NATS at {url} within {deadline_s}s{why}") from None
     except (OSError, nats.errors.Error) as exc:
         reason = str(exc) or type(exc).__name__
         raise EventLogError(f"cannot connect to NATS at {url}: {reason}") from exc
