@@ -131,5 +131,5 @@ async def test_user_credentials_in_the_url(server: tuple[str, Pki | None]) -> No
         await append_and_read(JetStreamEventLog(nc))  # type: ignore[arg-type]
     finally:
         await nc.close()  # type: ignore[attr-defined]
-    with pytest.raises(EventLogError, match="(?i)authorization"):
+    with pytest.raises(EventLogError, match=r"(?i)authorization"):
         await connect(f"nats://agent:wrong@{address}", deadline_s=3)
