@@ -129,19 +129,10 @@ def _refused(answer: dict[str, Any]) -> int:
 async def call(args: argparse.Namespace, subject: str, request: dict[str, Any]) -> dict[str, Any]:
     """One request-reply round trip; raises ApiUnavailableError when nobody answers."""
     import nats.errors
-    from gpuwarden.adapters.jetstream import connect
-    from gpuwarden.engine.cli import nats_url
+    from gpuwarden.engine.cli import connect_with, nats_url
 
     async with nats_url(args) as url:
-        nc = await connect(
-            url,
-            creds=args.creds,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            name="gpuwarden-cli",
-            max_reconnect_attempts=0,
-        )
+        nc = await connect_with(args, url, "gpuwarden-cli", max_reconnect_attempts=0)
         try:
             reply = await nc.request(subject, json.dumps(request).encode(), timeout=args.timeout)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):

@@ -15,7 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gpuwarden.engine.errors import GpuwardenError
 
@@ -110,19 +110,26 @@ async def open_event_log(args: argparse.Namespace) -> AsyncIterator[JetStreamEve
         yield log
 
 
-@asynccontextmanager
-async def event_log_at(args: argparse.Namespace, url: str) -> AsyncIterator[JetStreamEventLog]:
-    from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
+async def connect_with(args: argparse.Namespace, url: str, name: str, **options: Any) -> Any:
+    """A NATS connection honouring the global --creds and --tls-* options."""
+    from gpuwarden.adapters.jetstream import connect
 
-    nc = await connect(
+    return await connect(
         url,
         creds=args.creds,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        name="gpuwarden-cli",
-        deadline_s=5.0,
+        name=name,
+        **options,
     )
+
+
+@asynccontextmanager
+async def event_log_at(args: argparse.Namespace, url: str) -> AsyncIterator[JetStreamEventLog]:
+    from gpuwarden.adapters.jetstream import JetStreamEventLog
+
+    nc = await connect_with(args, url, "gpuwarden-cli", deadline_s=5.0)
     try:
         log = JetStreamEventLog(nc)
         await log.ensure_streams()

@@ -82,20 +82,14 @@ async def serve_engine(
 ) -> None:
     """Run the engine and its companions until cancelled."""
     from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
-    from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+    from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
+    from gpuwarden.engine.cli import connect_with
     from gpuwarden.engine.clock import SystemClock
     from gpuwarden.engine.liveness import Liveness
     from gpuwarden.engine.metrics import EngineMetrics, serve_metrics
     from gpuwarden.engine.runtime import Engine
 
-    nc = await connect(
-        url,
-        creds=args.creds,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        name="gpuwarden-engine",
-    )
+    nc = await connect_with(args, url, "gpuwarden-engine")
     try:
         event_log = JetStreamEventLog(nc, replicas=getattr(args, "replicas", 1))
         await event_log.ensure_streams()
