@@ -14,6 +14,7 @@ Nothing here reads a clock, draws a random number or does I/O.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -153,7 +154,9 @@ class State:
     nodes: dict[str, NodeState] = field(default_factory=dict)
     gpus: dict[str, GpuState] = field(default_factory=dict)
     tasks: dict[str, TaskState] = field(default_factory=dict)
-    waiting: dict[str, None] = field(default_factory=dict)  # ordered set: awaiting placement
+    waiting: dict[str, None] = field(default_factory=dict)  # set: awaiting placement
+    waiting_orders: list[int] = field(default_factory=list)  # their submission orders, sorted
+    by_order: list[str] = field(default_factory=list)  # task id by submission order
     timers: list[Timer] = field(default_factory=list)  # heap; stale entries are skipped
     submitted: int = 0
     events: int = 0
@@ -340,9 +343,23 @@ def _on_gpu_released(state: State, e: GpuReleased) -> None:
 def _on_task_submitted(state: State, e: TaskSubmitted) -> None:
     if e.task_id in state.tasks:
         return  # a duplicate submission never replaces a task
-    state.tasks[e.task_id] = TaskState(spec=e, order=state.submitted)
+    task = state.tasks[e.task_id] = TaskState(spec=e, order=state.submitted)
     state.submitted += 1
-    state.waiting[e.task_id] = None
+    state.by_order.append(e.task_id)
+    _wait(state, task)
+
+
+def _wait(state: State, task: TaskState) -> None:
+    """Put a task among those awaiting placement, keeping submission order."""
+    if task.spec.task_id not in state.waiting:
+        state.waiting[task.spec.task_id] = None
+        bisect.insort(state.waiting_orders, task.order)
+
+
+def _unwait(state: State, task: TaskState) -> None:
+    if state.waiting.pop(task.spec.task_id, 0) is None:
+        index = bisect.bisect_left(state.waiting_orders, task.order)
+        del state.waiting_orders[index]
 
 
 def _on_task_pending(state: State, e: TaskPending) -> None:
@@ -363,7 +380,7 @@ def _on_task_scheduled(state: State, e: TaskScheduled) -> None:
     task.status = "running"
     task.pending_reason = None
     task.rebuild = None
-    state.waiting.pop(e.task_id, None)
+    _unwait(state, task)
     node = state.nodes.get(e.node)
     if node is not None:
         node.attempts[(e.task_id, e.attempt)] = None
@@ -416,7 +433,7 @@ def _on_rebuild_decided(state: State, e: RebuildDecided) -> None:
     task.rebuilds += 1
     if e.counted:
         task.counted_rebuilds.append(e.at)
-    state.waiting[e.task_id] = None
+    _wait(state, task)
     heapq.heappush(state.timers, Timer(e.not_before, "backoff", e.task_id, e.attempt))
 
 
@@ -426,7 +443,7 @@ def _end_task(state: State, task_id: str, status: str) -> TaskState | None:
         return None
     task.status = status
     task.rebuild = None
-    state.waiting.pop(task_id, None)
+    _unwait(state, task)
     return task
 
 
@@ -483,7 +500,17 @@ _SETTLES_TIMERS = frozenset(
 class _Round:
     """The decisions of one decide call, and what they already promised."""
 
-    __slots__ = ("concluded", "events", "now", "place", "released", "state", "taken", "taken_on")
+    __slots__ = (
+        "concluded",
+        "events",
+        "now",
+        "place",
+        "released",
+        "shortlists",
+        "state",
+        "taken",
+        "taken_on",
+    )
 
     def __init__(self, state: State, now: datetime) -> None:
         self.state = state
@@ -491,6 +518,7 @@ class _Round:
         self.events: list[Event] = []
         self.taken: set[str] = set()  # GPUs allocated (or quarantined) in this round
         self.taken_on: dict[str, int] = {}  # of those, free ones per node
+        self.shortlists: dict[int, list[str]] = {}  # placement candidates by GPU count
         self.released: set[str] = set()  # GPUs released in this round
         self.concluded: set[tuple[str, int]] = set()  # attempts classified in this round
         self.place = False  # run a placement round at the end
@@ -511,12 +539,14 @@ def decide_many(state: State, triggers: Sequence[Event], now: datetime) -> list[
     burst of events costs one atomic append; the round's own bookkeeping (GPUs taken
     or released, attempts concluded) keeps its decisions from colliding.
     """
+    due = bool(state.timers) and state.timers[0].due <= now
+    reactions = [(_DECIDE[type(e)], e) for e in triggers if type(e) in _DECIDE]
+    if not reactions and not due:
+        return []  # the common case: an event that calls for nothing, no timer due
     r = _Round(state, now)
-    for event in triggers:
-        reaction = _DECIDE.get(type(event))
-        if reaction is not None:
-            reaction(r, event)
-    if state.timers and state.timers[0].due <= now:
+    for reaction, event in reactions:
+        reaction(r, event)
+    if due:
         _due_timers(r)
     if r.place and state.waiting:
         _placement_round(r)
@@ -821,7 +851,7 @@ def _placement_round(r: _Round) -> None:
     for event in r.events:
         if isinstance(event, GpuQuarantined):
             _take(r, event.gpu_uuid)
-    tasks = sorted((state.tasks[t] for t in state.waiting), key=lambda t: t.order)
+    tasks = [state.tasks[state.by_order[order]] for order in state.waiting_orders]
     why: dict[PlacementRequest, NoFit] = {}  # one diagnosis per request shape and round
     for task in tasks:
         rebuild = task.rebuild
@@ -857,10 +887,14 @@ def _take(r: _Round, uuid: str) -> None:
     gpu = r.state.gpus.get(uuid)
     if gpu is not None and _is_free(gpu):
         r.taken_on[gpu.node] = r.taken_on.get(gpu.node, 0) + 1
+        r.shortlists.clear()
 
 
 def _candidates(r: _Round, gpus: int) -> list[str]:
     """Nodes with `gpus` free GPUs left in this round, fewest first (placement's order)."""
+    found = r.shortlists.get(gpus)
+    if found is not None:
+        return found
     nodes, taken_on = r.state.nodes, r.taken_on
     counted = [
         (free, name)
@@ -868,7 +902,8 @@ def _candidates(r: _Round, gpus: int) -> list[str]:
         if (free := nodes[name].free - taken_on.get(name, 0)) >= gpus
     ]
     counted.sort()
-    return [name for _, name in counted]
+    found = r.shortlists[gpus] = [name for _, name in counted]
+    return found
 
 
 def _schedule(r: _Round, task: TaskState, placement: Placement, parent: str) -> None:
