@@ -246,6 +246,7 @@ async def main(rate: float, seconds: float) -> None:
                 "engine",
                 "--policy",
                 str(policy),
+                *(["--no-api"] if os.environ.get("BENCH_NO_API") else []),
             ],
             stderr=subprocess.DEVNULL,
         )

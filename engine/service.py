@@ -10,7 +10,6 @@ node with declared GPUs, said plainly. Both stop cleanly on SIGTERM or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import signal
 import sys
@@ -49,6 +48,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replicas", type=int, default=1, help="stream replicas (3 on a JetStream cluster)"
     )
+    parser.add_argument(
+        "--no-api",
+        action="store_true",
+        help="do not serve the task API here (run it in another engine process)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log decisions")
 
 
@@ -82,6 +86,7 @@ async def serve_engine(
 ) -> None:
     """Run the engine and its companions until cancelled."""
     from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
+    from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
     from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
     from gpuwarden.engine.cli import connect_with
     from gpuwarden.engine.clock import SystemClock
@@ -108,11 +113,8 @@ async def serve_engine(
         )
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
-            if _have("gpuwarden.adapters.heartbeats"):
-                from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
-
-                tg.start_soon(feed_liveness, NatsHeartbeats(nc), liveness, clock)
-            if _have("gpuwarden.adapters.api_service"):
+            tg.start_soon(feed_liveness, NatsHeartbeats(nc), liveness, clock)
+            if not getattr(args, "no_api", False):
                 from gpuwarden.adapters.api_service import ApiService
 
                 api = ApiService(nc, event_log, clock)
@@ -133,10 +135,6 @@ async def serve_engine(
                 ready(url)
     finally:
         await nc.close()
-
-
-def _have(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def _configure_logging(verbose: bool) -> None:
