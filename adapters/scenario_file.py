@@ -568,6 +568,8 @@ class _Parser:
         result: list[Expectation] = []
         for i, table in enumerate(self.array_of_tables(value, "expect")):
             where = f"expect[{i}]"
+            if "task" not in table and "gpu" not in table:
+                self.keys(table, dict.fromkeys(_TASK_EXPECT_KEYS + _GPU_EXPECT_KEYS), where)
             if ("task" in table) == ("gpu" in table):
                 self.fail(where, "names exactly one of 'task' or 'gpu'")
             if "task" in table:

@@ -1,0 +1,45 @@
+"""SCENARIOS.md promises checked through the real runner and CLI (review findings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from gpuwarden.engine.cli import main
+
+ONE_NODE = """
+[[nodes]]
+name = "node-a"
+gpus = 2
+"""
+SUBMIT = """
+[[steps]]
+at = 0
+submit = { task = "t1", gpus = 1, image = "i", command = ["x"] }
+"""
+
+
+def write(tmp_path: Path, body: str, name: str = "drill.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(f'name = "review drill"\n{body}', encoding="utf-8")
+    return path
+
+
+def run_json(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, object]]:
+    status = main(["scenario", "run", "--json", str(path)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out
+    result: dict[str, object] = json.loads(out[0])
+    return status, result
+
+
+def test_unknown_key_in_an_expectation_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "Unknown keys are an error that names the key and the file."
+    path = write(tmp_path, ONE_NODE + SUBMIT + '[[expect]]\ntsk = "t1"\nstate = "running"\n')
+    assert main(["scenario", "run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'tsk'" in err and str(path) in err, err
+    assert len(err.strip().splitlines()) == 1
