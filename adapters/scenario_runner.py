@@ -238,8 +238,12 @@ class Drill:
         steps = self.scenario.steps
         for at, group in groupby(steps, key=lambda step: step.at):
             await self.advance_until(T0 + timedelta(seconds=at))
-            await self.apply(list(group))
+            instant = list(group)
+            await self.apply(instant)
             await self.quiesce()
+            waits = [s.seconds for s in instant if isinstance(s, sf.RunForStep)]
+            if waits:  # run_for: virtual time passes, whatever falls due meanwhile too
+                await self.advance_until(T0 + timedelta(seconds=at + max(waits)))
         await self.advance_until(None)
 
     async def quiesce(self) -> None:
@@ -335,7 +339,7 @@ class Drill:
                 self.sim.node_up(self.name(step.node))
                 return []
             case sf.RunForStep():
-                return []  # the clock moves to the next step (or runs on at the end)
+                return []  # `play` moves the clock on by its seconds after the instant
         raise AssertionError(f"unhandled step {step!r}")
 
     def submitted(self, step: sf.SubmitStep) -> ev.Event:

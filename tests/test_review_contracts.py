@@ -43,3 +43,21 @@ def test_unknown_key_in_an_expectation_is_named(
     err = capsys.readouterr().err
     assert "'tsk'" in err and str(path) in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_run_for_lets_its_seconds_pass_beyond_the_tail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `run_for = {seconds}` lets virtual time pass: a backoff longer than the one-day
+    # tail still runs out when the drill says to wait for it.
+    body = (
+        "[policy]\nbackoff_initial_s = 90000\nbackoff_max_s = 90000\n"
+        + ONE_NODE
+        + SUBMIT
+        + '[[steps]]\nat = 10\npreempt = { task = "t1" }\n'
+        + "[[steps]]\nat = 20\nrun_for = { seconds = 100000 }\n"
+        + '[[expect]]\ntask = "t1"\nstate = "running"\nattempts = 2\n'
+    )
+    status, result = run_json(write(tmp_path, body), capsys)
+    assert result["passed"] is True and status == 0, result["expectations"]
+    assert float(result["virtual_s"]) >= 100020  # type: ignore[arg-type]
