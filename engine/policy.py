@@ -161,6 +161,8 @@ _EXIT_CODE_KEYS: Final = ("in", "not_in")
 # Seconds that must be > 0 (a zero window or timeout means nothing) or >= 0.
 _POSITIVE_SECONDS: Final = ("window_s", "node_lost_after_s")
 _NON_NEGATIVE_SECONDS: Final = ("backoff_initial_s", "backoff_max_s", "evidence_window_s")
+# Beyond this a deadline (now + seconds) no longer fits in a datetime; ~31 years.
+MAX_SECONDS: Final = 1e9
 
 
 class _Where:
@@ -261,6 +263,8 @@ def _seconds(value: object, where: _Where, *, positive: bool) -> float:
         raise where.error(f"must be > 0 seconds, got {value}")
     if seconds < 0:
         raise where.error(f"must not be negative, got {value}")
+    if seconds > MAX_SECONDS:
+        raise where.error(f"must be at most {MAX_SECONDS:g} seconds, got {value}")
     return seconds
 
 

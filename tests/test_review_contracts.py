@@ -61,3 +61,23 @@ def test_run_for_lets_its_seconds_pass_beyond_the_tail(
     status, result = run_json(write(tmp_path, body), capsys)
     assert result["passed"] is True and status == 0, result["expectations"]
     assert float(result["virtual_s"]) >= 100020  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ("[policy]\nbackoff_initial_s = 1e300\nbackoff_max_s = 1e300\n", "backoff_initial_s"),
+        ("[policy]\nnode_lost_after_s = 1e300\n", "node_lost_after_s"),
+        ("[policy]\nevidence_window_s = 1e300\n", "evidence_window_s"),
+    ],
+)
+def test_an_absurd_policy_duration_is_refused_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, where: str
+) -> None:
+    # Finite but beyond any datetime: the engine crashed on the first rebuild/deadline
+    # with an OverflowError inside a task group ("ExceptionGroup: ..." and exit 2).
+    drill = body + ONE_NODE + SUBMIT + '[[steps]]\nat = 5\npreempt = { task = "t1" }\n'
+    path = write(tmp_path, drill + '[[expect]]\ntask = "t1"\nstate = "running"\n')
+    assert main(["scenario", "run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"policy.{where}" in err and str(path) in err, err
