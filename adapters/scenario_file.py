@@ -20,7 +20,7 @@ from typing import Any, Final, NoReturn, TypeAlias
 import msgspec
 from gpuwarden.engine.errors import PolicyError, ScenarioError
 from gpuwarden.engine.events import FAILURE_REASONS, FAULT_TYPES
-from gpuwarden.engine.policy import Policy, policy_from_mapping
+from gpuwarden.engine.policy import MAX_SECONDS, Policy, policy_from_mapping
 
 TASK_STATES: Final[tuple[str, ...]] = ("pending", "running", "completed", "failed", "cancelled")
 STEP_KINDS: Final[tuple[str, ...]] = (
@@ -367,6 +367,8 @@ class _Parser:
             self.fail(where, f"must be a finite number, got {value}")
         if value < 0:
             self.fail(where, f"must not be negative, got {value}")
+        if value > MAX_SECONDS:  # the virtual clock must stay a datetime
+            self.fail(where, f"must be at most {MAX_SECONDS:g} seconds, got {value}")
         return float(value)
 
     def boolean(self, value: Any, where: str) -> bool:

@@ -81,3 +81,13 @@ def test_an_absurd_policy_duration_is_refused_not_a_crash(
     assert main(["scenario", "run", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"policy.{where}" in err and str(path) in err, err
+
+
+def test_an_absurd_step_time_is_refused_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = ONE_NODE + SUBMIT + '[[steps]]\nat = 1e12\nexit = { task = "t1", code = 0 }\n'
+    path = write(tmp_path, body + '[[expect]]\ntask = "t1"\nstate = "completed"\n')
+    assert main(["scenario", "run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "steps[1].at" in err and str(path) in err, err
