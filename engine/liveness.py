@@ -37,8 +37,9 @@ class Liveness:
     def start(self, state: State, now: datetime) -> None:
         """Give every known node a full timeout from now: silence before we ran is unknown."""
         self.started_at = now
-        for name in state.nodes:
-            self.beat(name, now)
+        for name, node in state.nodes.items():
+            if node.alive:  # a node the log says is lost needs a real beat to come back
+                self.beat(name, now)
 
     def settled(self, node: str, *, lost: bool) -> None:
         """The log now holds the node's node.lost (lost=True) or node.recovered."""
@@ -54,6 +55,11 @@ class Liveness:
             return self.started_at
         return seen
 
+    def _beat_after(self, node: str, moment: datetime) -> bool:
+        """A heartbeat really received after `moment` (start's benefit of the doubt is none)."""
+        beat = self.last_seen.get(node)
+        return beat is not None and beat > moment
+
     def next_due(self, state: State) -> datetime | None:
         """When check() next has something to say: a silence running out, or a lost node
         that beat again (due at once, or its recovery would wait for unrelated events)."""
@@ -64,7 +70,7 @@ class Liveness:
                 continue
             if node.alive:
                 dues.append(seen + self.after)
-            elif node.lost is not None and seen > node.lost.at:
+            elif node.lost is not None and self._beat_after(name, node.lost.at):
                 dues.append(seen)
         return min(dues) if dues else None
 
@@ -88,7 +94,7 @@ class Liveness:
                     )
                 )
                 self.pending.add(name)
-            elif not node.alive and node.lost is not None and seen > node.lost.at:
+            elif not node.alive and node.lost is not None and self._beat_after(name, node.lost.at):
                 out.append(
                     NodeRecovered(
                         id=derive_id(base_id, f"recovered/{name}"),
