@@ -278,6 +278,14 @@ class Engine:
                 await self.log.append(subject, [event], self.subject_seqs.get(subject, 0))
             except ConcurrencyError:
                 self.metrics.conflicts += 1  # another engine saw it first
+            except EventLogError as exc:
+                # The server is away (often why heartbeats stopped): try again later,
+                # never let a timer take the engine down.
+                self.metrics.append_failures += 1
+                self.backoff_s = min(max(self.backoff_s * 2, 0.05), 2.0)
+                if isinstance(event, NodeLost | NodeRecovered):
+                    self.liveness.pending.discard(event.node)  # check() may propose it again
+                log.warning("appending %s failed (%s); retrying", type_of(event), exc)
             else:
                 self.metrics.decisions[type_of(event)] += 1
 

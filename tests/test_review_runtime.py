@@ -11,11 +11,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
 from gpuwarden.engine.liveness import Liveness
 from gpuwarden.engine.runtime import Engine
+from nats.aio.client import Client as NatsClient
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 GPU = ev.GpuInfo(uuid="n1/0", index=0, model="H100")
@@ -61,3 +63,34 @@ async def test_a_restarted_engine_does_not_revive_a_node_the_log_says_is_lost(
         await stop(task)
     assert await types_on(event_log, ev.node_subject("n1")) == ["node.registered", "node.lost"]
     assert not engine.state.nodes["n1"].alive
+
+
+async def test_engine_survives_a_server_away_when_a_node_falls_silent(
+    nats_server: EmbeddedNats, nats_client: NatsClient
+) -> None:
+    log = JetStreamEventLog(nats_client, heartbeat_s=0.5, timeout_s=0.5)
+    await log.ensure_streams()
+    bus = JetStreamCommandBus(nats_client, timeout_s=0.5)
+    await emit(log, ev.NodeRegistered, "r1", T0, node="n1", runtime="sim", gpus=(GPU,))
+    clock = VirtualClock(T0)
+    engine = Engine(log, bus, clock, liveness=Liveness(1))
+    task = await start(engine)
+    try:
+        await engine.wait_idle(timeout_s=5)
+        await nats_server.stop()
+        clock.advance(2)  # n1 silent past its timeout while the server is away
+        engine.wake()
+        with anyio.fail_after(5):
+            while engine.metrics.append_failures == 0 and not task.done():
+                progress = asyncio.ensure_future(engine.progress.wait())
+                await asyncio.wait([task, progress], return_when=asyncio.FIRST_COMPLETED)
+                progress.cancel()
+        assert not task.done(), f"the engine died: {task.exception()!r}"
+        await nats_server.start()
+        with anyio.fail_after(10):
+            while engine.state.nodes["n1"].alive:
+                assert not task.done(), f"the engine died: {task.exception()!r}"
+                await engine.progress.wait()
+    finally:
+        await stop(task)
+    assert (await types_on(log, ev.node_subject("n1"))).count("node.lost") == 1
