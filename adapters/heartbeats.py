@@ -64,9 +64,16 @@ class NatsHeartbeats:
         try:
             async for msg in sub.messages:
                 try:
-                    yield _decoder.decode(msg.data).node
+                    node = _decoder.decode(msg.data).node
                 except msgspec.DecodeError as exc:  # a stranger on our subject: say so, go on
                     log.warning("ignoring malformed heartbeat on %s: %s", msg.subject, exc)
+                    continue
+                if heartbeat_subject(node) != msg.subject:
+                    # Credentials grant an agent only its own subject: a beat for another
+                    # node on it would let one agent keep a dead node alive.
+                    log.warning("ignoring heartbeat for %r on %s", node, msg.subject)
+                    continue
+                yield node
         finally:
             with anyio.CancelScope(shield=True):
                 try:

@@ -11,7 +11,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import msgspec
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
+from gpuwarden.adapters.heartbeats import Heartbeat, NatsHeartbeats, heartbeat_subject
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
@@ -94,3 +96,23 @@ async def test_engine_survives_a_server_away_when_a_node_falls_silent(
     finally:
         await stop(task)
     assert (await types_on(log, ev.node_subject("n1"))).count("node.lost") == 1
+
+
+async def test_a_heartbeat_only_counts_for_the_node_of_its_subject(
+    nats_client: NatsClient,
+) -> None:
+    heard: list[str] = []
+    beats = NatsHeartbeats(nats_client)
+    listening = beats.listen()
+    first = asyncio.ensure_future(anext(listening))
+    with anyio.fail_after(3):
+        while not first.done():
+            # an agent allowed only gw.hb.a claims to be node b
+            spoof = Heartbeat(node="b", at=datetime.now(UTC), agent="x")
+            await nats_client.publish(heartbeat_subject("a"), msgspec.json.encode(spoof))
+            await beats.beat("a")
+            await nats_client.flush()
+            await asyncio.wait([first], timeout=0.05)
+        heard.append(first.result())
+    await listening.aclose()
+    assert heard == ["a"]
