@@ -33,6 +33,7 @@ from gpuwarden.engine.events import (
     FaultClassified,
     NodeLost,
     NodeRecovered,
+    TaskCancelled,
     TaskScheduled,
     subject_of,
     type_of,
@@ -117,6 +118,9 @@ class Engine:
         self._outbox_ready = anyio.Event()
         self._news = anyio.Event()  # something outside the log changed (a heartbeat)
         self.backoff_s = 0.0  # after a failed append, before the next round
+        # Folded in catch-up: the last cancel per task, recovery per node; their stops are
+        # resent at start_live (an engine may have died before its dispatcher sent them).
+        self._stop_causes: dict[str, Event] = {}
         if liveness is not None:
             liveness.on_news = self.wake
 
@@ -150,6 +154,8 @@ class Engine:
             self.triggers.append(event)
             self.trigger_seqs.append(record.seq)
             self.outbox.extend(commands_for(self.state, event))
+        elif isinstance(event, TaskCancelled | NodeRecovered):
+            self._stop_causes[record.subject] = event
         if self.liveness is not None and isinstance(event, NodeLost | NodeRecovered):
             self.liveness.settled(event.node, lost=isinstance(event, NodeLost))
 
@@ -309,6 +315,9 @@ class Engine:
             attempt = task.current
             if attempt is not None and attempt.live and not attempt.started:
                 self.outbox.extend(commands_for(self.state, attempt.scheduled))
+        for event in self._stop_causes.values():  # only stops still called for
+            self.outbox.extend(commands_for(self.state, event))
+        self._stop_causes.clear()
         self.caught_up.set()
 
     async def run(

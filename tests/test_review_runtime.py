@@ -17,6 +17,7 @@ from gpuwarden.adapters.heartbeats import Heartbeat, NatsHeartbeats, heartbeat_s
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
+from gpuwarden.engine.commands import StopCommand
 from gpuwarden.engine.liveness import Liveness
 from gpuwarden.engine.runtime import Engine
 from nats.aio.client import Client as NatsClient
@@ -96,6 +97,63 @@ async def test_engine_survives_a_server_away_when_a_node_falls_silent(
     finally:
         await stop(task)
     assert (await types_on(log, ev.node_subject("n1"))).count("node.lost") == 1
+
+
+async def test_a_restarted_engine_sends_the_stop_of_a_cancel_it_never_sent(
+    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
+) -> None:
+    await emit(event_log, ev.NodeRegistered, "r1", T0, node="n1", runtime="sim", gpus=(GPU,))
+    await emit(
+        event_log, ev.TaskSubmitted, "s1", T0, task_id="t1", name="t1", image="i", command=("x",)
+    )
+    await emit(
+        event_log,
+        ev.GpuAllocated,
+        "a1",
+        T0,
+        gpu_uuid="n1/0",
+        node="n1",
+        task_id="t1",
+        attempt=1,
+        actor="engine",
+    )
+    await emit(
+        event_log,
+        ev.TaskScheduled,
+        "d1",
+        T0,
+        task_id="t1",
+        attempt=1,
+        node="n1",
+        gpu_uuids=("n1/0",),
+        actor="engine",
+    )
+    await emit(
+        event_log,
+        ev.ContainerStarted,
+        "c1",
+        T0,
+        task_id="t1",
+        attempt=1,
+        node="n1",
+        container_id="k",
+    )
+    # the engine that folded this cancel died before its dispatcher sent the stop
+    await emit(event_log, ev.TaskCancelled, "x1", T0, task_id="t1", reason="bye", attempt=1)
+    engine = Engine(event_log, command_bus, VirtualClock(T0))
+    task = await start(engine)
+    try:
+        await engine.wait_idle(timeout_s=5)
+        with anyio.fail_after(3):
+            async for received in command_bus.receive("n1"):
+                command = received.command
+                await received.ack()
+                break
+    finally:
+        await stop(task)
+    assert isinstance(command, StopCommand)
+    assert (command.task_id, command.attempt, command.container_id) == ("t1", 1, "k")
+    assert engine.state.gpus["n1/0"].holder is None
 
 
 async def test_a_heartbeat_only_counts_for_the_node_of_its_subject(
