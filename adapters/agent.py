@@ -24,6 +24,7 @@ from typing import Literal, Protocol
 
 import anyio
 import anyio.abc
+import nats.errors
 from gpuwarden.adapters.docker_runtime import (
     ContainerInfo,
     ContainerObservation,
@@ -338,9 +339,14 @@ class Agent:
     async def _command_loop(self) -> None:
         limiter = anyio.CapacityLimiter(COMMAND_CONCURRENCY)
         async with anyio.create_task_group() as tg:
-            async for received in self.bus.receive(self.node):
-                await limiter.acquire_on_behalf_of(received)
-                tg.start_soon(self._serve, received, limiter)
+            while True:  # a consumer the server dropped (restart, failover) is made again
+                try:
+                    async for received in self.bus.receive(self.node):
+                        await limiter.acquire_on_behalf_of(received)
+                        tg.start_soon(self._serve, received, limiter)
+                except (EventLogError, nats.errors.Error) as exc:
+                    log.warning("command queue of %s failed, consuming again: %s", self.node, exc)
+                    await anyio.sleep(RETRY_DELAY_S)
 
     async def _serve(self, received: ReceivedCommand, limiter: anyio.CapacityLimiter) -> None:
         command = received.command
@@ -351,7 +357,7 @@ class Agent:
                 await received.ack()
             else:
                 await received.nak(RETRY_DELAY_S)
-        except EventLogError as exc:
+        except (EventLogError, nats.errors.Error) as exc:
             log.warning("command %s not acked (%s); it will be redelivered", command.id, exc)
         finally:
             limiter.release_on_behalf_of(received)
@@ -444,7 +450,13 @@ class Agent:
         faults = health.watch()
         try:
             async for fault in faults:
-                await self.record(fault)
+                while True:  # a fault the log cannot take now is kept until it can
+                    try:
+                        await self.record(fault)
+                        break
+                    except EventLogError as exc:
+                        log.warning("gpu.fault of %s not stored yet: %s", fault.gpu_uuid, exc)
+                        await anyio.sleep(RETRY_DELAY_S)
         finally:
             close = getattr(faults, "aclose", None)  # stops the probe's reader thread
             if close is not None:

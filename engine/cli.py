@@ -80,11 +80,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GpuwardenError as exc:
         print(f"gpuwarden: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BaseExceptionGroup as group:  # a task group's failure: say the first real one
+        found = _first_error(group)
+        if found is None:
+            raise
+        print(f"gpuwarden: error: {found}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # no traceback for users; the message says what failed
         print(f"gpuwarden: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> GpuwardenError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, GpuwardenError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            inner = _first_error(exc)
+            if inner is not None:
+                return inner
+    return None
 
 
 # --- shared plumbing for commands ---------------------------------------------------

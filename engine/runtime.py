@@ -51,6 +51,7 @@ from gpuwarden.engine.ports import (
     StoredEvent,
 )
 from gpuwarden.engine.supervisor import (
+    TERMINAL,
     State,
     commands_for,
     decide_many,
@@ -112,6 +113,7 @@ class Engine:
         self.trigger_since: float | None = None
         self.live = False
         self.deciding = False  # a round is between deciding and its append's ack
+        self.reconcile_due = False  # the startup sweep could not be stored yet
         self.caught_up = anyio.Event()
         self.progress = anyio.Event()  # set (and replaced) after each fold batch
         self.outbox: list[Command] = []  # commands for the dispatcher, in decision order
@@ -221,6 +223,8 @@ class Engine:
         self.trigger_since = time.perf_counter() if self.triggers else None
         if self.liveness is not None:
             await self._liveness_round(now)
+        if self.reconcile_due:
+            await self._reconcile(now)
         decisions = decide_many(self.state, triggers, now)
         if not decisions:
             return
@@ -283,7 +287,12 @@ class Engine:
             try:
                 await self.log.append(subject, [event], self.subject_seqs.get(subject, 0))
             except ConcurrencyError:
-                self.metrics.conflicts += 1  # another engine saw it first
+                # Another engine said it first, or the node's subject moved on (a new
+                # registration): read on, then let check() judge the node afresh.
+                self.metrics.conflicts += 1
+                self.awaiting = max(self.awaiting, await self._stream_end())
+                if isinstance(event, NodeLost | NodeRecovered):
+                    self.liveness.pending.discard(event.node)
             except EventLogError as exc:
                 # The server is away (often why heartbeats stopped): try again later,
                 # never let a timer take the engine down.
@@ -308,17 +317,25 @@ class Engine:
         now = self.clock.now()
         if self.liveness is not None:
             self.liveness.start(self.state, now)
-        missed = reconcile(self.state, now)
-        if missed:
-            await self._commit(missed, "reconcile")
+        await self._reconcile(now)
         for task in self.state.tasks.values():
             attempt = task.current
-            if attempt is not None and attempt.live and not attempt.started:
+            if (
+                task.status not in TERMINAL
+                and attempt is not None
+                and attempt.live
+                and not attempt.started
+            ):
                 self.outbox.extend(commands_for(self.state, attempt.scheduled))
         for event in self._stop_causes.values():  # only stops still called for
             self.outbox.extend(commands_for(self.state, event))
         self._stop_causes.clear()
         self.caught_up.set()
+
+    async def _reconcile(self, now: datetime) -> None:
+        """Decide what nobody decided while no engine ran; retried until it is stored."""
+        missed = reconcile(self.state, now)
+        self.reconcile_due = bool(missed) and not await self._commit(missed, "reconcile")
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -364,7 +381,7 @@ class Engine:
             if self.awaiting > self.folded:
                 continue  # our last decision is not folded back yet
             due = self.due()
-            if self.triggers or (due is not None and due <= self.clock.now()):
+            if self.triggers or self.reconcile_due or (due is not None and due <= self.clock.now()):
                 if self.backoff_s:
                     await anyio.sleep(self.backoff_s)
                 self.deciding = True
@@ -380,7 +397,7 @@ class Engine:
             return receive.receive_nowait()
         except anyio.WouldBlock:
             pass
-        if self.awaiting <= self.folded and self.triggers:
+        if self.awaiting <= self.folded and (self.triggers or self.reconcile_due):
             return None
         due = None if self.awaiting > self.folded else self.due()
         if self._news.is_set():
@@ -430,6 +447,7 @@ class Engine:
                 due = self.due()
                 busy = (
                     self.deciding
+                    or self.reconcile_due
                     or bool(self.outbox)
                     or self.folded < end
                     or self.awaiting > self.folded

@@ -242,3 +242,47 @@ async def test_metrics_endpoint_reports_what_the_engine_did(world: World) -> Non
     assert "gpuwarden_events_consumed_total " in text
     assert "gpuwarden_decision_latency_seconds_count" in text
     assert "gpuwarden_consumer_lag" in text
+
+
+async def test_a_restart_does_not_resend_the_run_of_a_cancelled_task(
+    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
+) -> None:
+    """An engine died between a cancel and its GPU release: no container may start again."""
+    w = World(event_log, command_bus)
+    await register(w, "n1", 1)
+    scheduled = ev.TaskScheduled(
+        id="s1", at=T0, actor="engine", task_id="t1", attempt=1, node="n1", gpu_uuids=("n1/0",)
+    )
+    await w.emit(ev.TaskSubmitted, task_id="t1", name="t1", image="i", command=("x",))
+    await w.log.append(
+        ev.gpu_subject("n1/0"),
+        [
+            ev.GpuAllocated(
+                id="a1", at=T0, actor="engine", gpu_uuid="n1/0", node="n1", task_id="t1", attempt=1
+            )
+        ],
+    )
+    await w.log.append(ev.task_subject("t1"), [scheduled])
+    await w.emit(ev.TaskCancelled, task_id="t1", reason="owner")
+    task = await start_engine(w.engine)
+    try:
+        await w.settle()
+        kinds = []
+        with anyio.move_on_after(1.5):  # collect whatever the restart sends
+            async for received in w.bus.receive("n1"):
+                kinds.append(type(received.command).__name__)
+                await received.ack()
+    finally:
+        await stop_engine(task)
+    assert "RunCommand" not in kinds
+    assert w.engine.state.gpus["n1/0"].holder is None
+
+
+def test_a_task_group_failure_is_reported_as_its_first_gpuwarden_error() -> None:
+    from gpuwarden.engine.cli import _first_error
+    from gpuwarden.engine.errors import PolicyError
+
+    inner = PolicyError("p.toml: policy.window_s: must be > 0")
+    group = BaseExceptionGroup("tg", [ValueError("noise"), ExceptionGroup("inner", [inner])])
+    assert _first_error(group) is inner
+    assert _first_error(BaseExceptionGroup("tg", [ValueError("x")])) is None
