@@ -234,8 +234,8 @@ def _on_node_registered(state: State, e: NodeRegistered) -> None:
     if node is None:
         node = state.nodes[e.node] = NodeState(name=e.node, runtime=e.runtime)
     node.runtime = e.runtime
-    node.alive = True
-    node.lost = None
+    # A lost node that registers again stays lost until its heartbeats bring a
+    # node.recovered: that event is what stops the containers rebuilt elsewhere.
     uuids = []
     for info in e.gpus:
         gpu = state.gpus.get(info.uuid)

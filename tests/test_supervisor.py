@@ -724,3 +724,22 @@ def test_a_gpu_quarantined_in_a_round_is_not_allocated_in_the_same_round() -> No
     d.xid("a/0", 48)
     assert d.state.gpus["a/0"].quarantined
     assert d.attempt("t1").gpu_uuids == ("a/1",)
+
+
+def test_a_lost_node_that_registers_again_stays_lost_until_it_recovers() -> None:
+    from gpuwarden.engine.commands import StopCommand
+    from gpuwarden.engine.supervisor import commands_for
+
+    d = Driver()
+    d.node("a", 1)
+    d.node("b", 1)
+    d.submit("t1")
+    d.start("t1")
+    node = d.attempt("t1").node
+    lost = d.emit(ev.NodeLost, node=node)
+    assert d.faults("t1") == ["node_lost"]
+    d.node(node, 1)  # the agent restarts and registers with a changed inventory
+    assert not d.state.nodes[node].alive
+    recovered = d.emit(ev.NodeRecovered, node=node, last_heartbeat_at=lost.at)
+    stops = commands_for(d.state, recovered)
+    assert [type(c) for c in stops] == [StopCommand] and stops[0].task_id == "t1"
