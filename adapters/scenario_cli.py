@@ -94,7 +94,17 @@ async def run_scenarios(args: argparse.Namespace) -> int:
             export_path(args.export, scenario.source, len(scenarios) > 1) if args.export else None
         )
         try:
-            result = await run_scenario(scenario, nats_url=args.nats, export=export)
+            result = await run_scenario(
+                scenario,
+                nats_url=args.nats,
+                export=export,
+                connect_options={
+                    "creds": getattr(args, "creds", None),
+                    "tls_ca": getattr(args, "tls_ca", None),
+                    "tls_cert": getattr(args, "tls_cert", None),
+                    "tls_key": getattr(args, "tls_key", None),
+                },
+            )
         except GpuwardenError as exc:
             print(f"gpuwarden: error: {scenario.source}: {exc}", file=sys.stderr)
             status = EXIT_ERROR

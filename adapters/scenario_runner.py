@@ -407,8 +407,12 @@ async def run_scenario(
     nats_url: str | None = None,
     export: str | Path | None = None,
     timeout_s: float = SCENARIO_TIMEOUT_S,
+    connect_options: dict[str, Any] | None = None,
 ) -> ScenarioResult:
-    """Play one drill and check its expectations (see the module docstring)."""
+    """Play one drill and check its expectations (see the module docstring).
+
+    `connect_options` (creds, tls_ca, tls_cert, tls_key) apply to a `nats_url` server.
+    """
     started = time.perf_counter()
     async with AsyncExitStack() as stack:
         if nats_url is None:
@@ -419,7 +423,8 @@ async def run_scenario(
             url, prefix = server.url, ""
         else:
             url, prefix = nats_url, f"d{new_id()[-10:].lower()}-"
-        nc = await connect(url, name="gpuwarden-scenario")
+        options = connect_options if nats_url is not None else None
+        nc = await connect(url, name="gpuwarden-scenario", **(options or {}))
         stack.push_async_callback(nc.close)
         inner = JetStreamEventLog(nc)
         await inner.ensure_streams()

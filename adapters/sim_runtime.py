@@ -296,7 +296,7 @@ class SimRuntime:
             container_id=container.container_id,
             exit_code=exit_code,
             oom_killed=oom_killed,
-            signal=exit_code - 128 if exit_code > 128 else None,
+            signal=exit_code - 128 if 128 < exit_code <= 128 + 64 else None,
             error=error,
             finished_at=now,
         )
