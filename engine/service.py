@@ -193,7 +193,11 @@ def _register_up(subparsers: Any) -> None:
         help="local agent: Docker if reachable (auto), Docker, simulated, or no agent",
     )
     parser.add_argument(
-        "--gpus", type=int, default=0, metavar="N", help="declared GPUs when NVML has none"
+        "--gpus",
+        type=int,
+        default=2,
+        metavar="N",
+        help="GPUs to declare when NVML finds none (default 2; ignored where NVML works)",
     )
     parser.add_argument("--gpu-model", default="declared", metavar="M", help="declared model")
     parser.add_argument(
@@ -233,8 +237,6 @@ async def run_up_command(args: argparse.Namespace) -> int:
                 f"running a simulated node instead (--runtime sim)",
                 file=sys.stderr,
             )
-    if runtime == "sim" and args.gpus == 0:
-        args.gpus = 2
     async with nats_url(args) as url:
 
         async def everything(ready: Callable[[str], None]) -> None:
