@@ -91,6 +91,7 @@ class NodeState:
     alive: bool = True
     lost: NodeLost | None = None
     free: int = 0  # GPUs neither held nor quarantined (an index for placement)
+    recovered_at: datetime | None = None  # its last node.recovered
     attempts: dict[tuple[str, int], None] = field(default_factory=dict)  # scheduled here
 
 
@@ -294,6 +295,7 @@ def _on_node_recovered(state: State, e: NodeRecovered) -> None:
     if node is not None:
         node.alive = True
         node.lost = None
+        node.recovered_at = e.at
 
 
 def _on_gpu_fault(state: State, e: GpuFault) -> None:
@@ -863,7 +865,7 @@ def _placement_round(r: _Round) -> None:
             gpu_model=spec.gpu_model,
             min_gpu_memory_mb=spec.min_gpu_memory_mb,
             exclude_gpus=frozenset(rebuild.exclude_gpus) if rebuild else frozenset(),
-            exclude_nodes=frozenset(rebuild.exclude_nodes) if rebuild else frozenset(),
+            exclude_nodes=_still_excluded(state, rebuild) if rebuild else frozenset(),
         )
         candidates = _candidates(r, spec.gpus)
         found = (
@@ -877,6 +879,23 @@ def _placement_round(r: _Round) -> None:
         if nofit is None:
             nofit = why[request] = why_not(request, state.nodes, state.gpus)
         _not_placed(r, task, nofit, parent)
+
+
+def _still_excluded(state: State, rebuild: RebuildDecided) -> frozenset[str]:
+    """The nodes a rebuild must avoid; a node excluded only for being lost is welcome
+    again once it has recovered (a node that needs a reboot, Xid 79, stays excluded)."""
+    if rebuild.fault != "node_lost":
+        return frozenset(rebuild.exclude_nodes)
+    return frozenset(
+        name
+        for name in rebuild.exclude_nodes
+        if not (
+            (node := state.nodes.get(name)) is not None
+            and node.alive
+            and node.recovered_at is not None
+            and node.recovered_at >= rebuild.at
+        )
+    )
 
 
 def _take(r: _Round, uuid: str) -> None:

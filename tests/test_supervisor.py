@@ -743,3 +743,21 @@ def test_a_lost_node_that_registers_again_stays_lost_until_it_recovers() -> None
     recovered = d.emit(ev.NodeRecovered, node=node, last_heartbeat_at=lost.at)
     stops = commands_for(d.state, recovered)
     assert [type(c) for c in stops] == [StopCommand] and stops[0].task_id == "t1"
+
+
+def test_a_task_rebuilt_after_node_loss_may_return_to_the_node_once_it_recovered() -> None:
+    d = Driver()
+    d.node("a", 1)
+    d.node("b", 1)
+    d.submit("t1")
+    d.submit("t2")
+    d.start("t1")
+    d.start("t2")
+    lost = d.attempt("t1").node
+    d.emit(ev.NodeLost, node=lost)
+    d.advance(60)
+    assert d.state.tasks["t1"].status == "waiting"  # the other node is busy with t2
+    d.emit(ev.NodeRecovered, node=lost)
+    d.advance(1)
+    assert d.state.tasks["t1"].status == "running"
+    assert d.attempt("t1").n == 2 and d.attempt("t1").node == lost
