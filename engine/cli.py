@@ -29,6 +29,7 @@ COMMAND_MODULES: list[str] = [
     "gpuwarden.engine.service",
     "gpuwarden.projections.cli",
     "gpuwarden.adapters.api_cli",
+    "gpuwarden.adapters.gpu_cli",
     "gpuwarden.projections.replay_cli",
     "gpuwarden.adapters.scenario_cli",
     "gpuwarden.adapters.agent_cli",
