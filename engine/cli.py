@@ -43,27 +43,44 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gpuwarden",
         description="Event-sourced fault supervision for GPU containers.",
     )
-    parser.add_argument(
+    _add_global_options(parser, defaults=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    for sub in subparsers.choices.values():
+        _add_global_options(sub, defaults=False)  # `gpuwarden engine --nats URL` works too
+    return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--nats, --creds, --tls-*, --data-dir: before or after the command name.
+
+    After it, they carry no default (argparse.SUPPRESS), so they only ever override
+    what was given before it or in the environment.
+    """
+
+    def option(*flags: str, default: Any = None, **kwargs: Any) -> None:
+        if any(flag in parser._option_string_actions for flag in flags):
+            return  # the command has its own option of that name
+        parser.add_argument(*flags, default=default if defaults else argparse.SUPPRESS, **kwargs)
+
+    option(
         "--nats",
         default=os.environ.get("GPUWARDEN_NATS_URL"),
         metavar="URL",
         help="NATS server URL(s), comma-separated (env GPUWARDEN_NATS_URL); "
         "without it an embedded nats-server runs in the data directory",
     )
-    parser.add_argument("--creds", metavar="FILE", help="NATS credentials file")
-    parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate for TLS")
-    parser.add_argument("--tls-cert", metavar="FILE", help="client certificate for TLS")
-    parser.add_argument("--tls-key", metavar="FILE", help="client key for TLS")
-    parser.add_argument(
+    option("--creds", metavar="FILE", help="NATS credentials file")
+    option("--tls-ca", metavar="FILE", help="CA certificate for TLS")
+    option("--tls-cert", metavar="FILE", help="client certificate for TLS")
+    option("--tls-key", metavar="FILE", help="client key for TLS")
+    option(
         "--data-dir",
         type=Path,
         default=Path(os.environ.get("GPUWARDEN_DATA_DIR", ".gpuwarden")),
         help="state directory: embedded server store, read models (env GPUWARDEN_DATA_DIR)",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,3 +80,15 @@ async def test_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     result = await gw("--data-dir", str(blocker), "events")
     assert result.returncode == 2
     assert result.stderr.startswith(b"gpuwarden: error:") and b"Traceback" not in result.stderr
+
+
+def test_connection_options_go_before_or_after_the_command() -> None:
+    from gpuwarden.engine.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["engine", "--nats", "nats://a"]).nats == "nats://a"
+    assert parse(["--nats", "nats://b", "engine"]).nats == "nats://b"
+    assert parse(["--nats", "nats://b", "engine", "--nats", "nats://a"]).nats == "nats://a"
+    after = parse(["tasks", "--tls-ca", "ca.pem", "--data-dir", "d"])
+    assert (after.tls_ca, str(after.data_dir)) == ("ca.pem", "d")
+    assert parse(["scenario", "run", "x.toml", "--nats", "nats://c"]).nats == "nats://c"
