@@ -10,14 +10,16 @@ handful of `executemany` calls, not one statement per event.
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
-import math
+import fcntl
+import gc
+import os
 import queue
 import sqlite3
+import sys
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
@@ -25,6 +27,8 @@ from typing import Any, Final, NamedTuple, Protocol, TypeVar
 import aiosqlite
 import anyio
 import msgspec
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections.errors import ProjectionStoreError
@@ -38,6 +42,9 @@ from gpuwarden.projections.model import (
     keys_of,
     project_values,
 )
+from gpuwarden.projections.writer import HEADER, frame, unframe
+from gpuwarden.projections.writer import Statement as _Statement
+from gpuwarden.projections.writer import inserts as _inserts
 
 DB_NAME: Final = "projections.sqlite3"
 SCHEMA_VERSION: Final = "2"
@@ -237,41 +244,10 @@ _UPSERT_ATTEMPT: Final = _upsert("attempts", AttemptRow)
 _UPSERT_GPU: Final = _upsert("gpus", GpuRow)
 _UPSERT_NODE: Final = _upsert("nodes", NodeRow)
 _CHUNK: Final = 500  # SQLite host parameters per IN (...) list
-# Rows per multi-row INSERT. A batch's row count is split into these fixed sizes, so
-# every statement text repeats and stays compiled in the connection's statement cache
-# (compiling a few hundred rows' VALUES costs as much as running it).
-_ROWS_PER_INSERT: Final = (256, 64, 16, 4, 1)
-
-
-@functools.lru_cache(maxsize=64)
-def _values_sql(head: str, width: int, rows: int) -> str:
-    row = "(" + ",".join("?" * width) + ")"
-    return head + ",".join([row] * rows)
-
-
-# SQLite stores a bound NaN as NULL, and binding a float is a fast path, while CPython
-# 3.11's sqlite3 binds None through its adapter lookup (a failed attribute lookup with a
-# formatted error per value, about a quarter of the write). No row holds a float, so a
-# NaN can only mean NULL.
-_NULL: Final = math.nan
-
-
-def _inserts(head: str, rows: list[tuple[Any, ...]], limit: int) -> list[_Statement]:
-    """Multi-row INSERTs of `rows`, each within SQLite's host-parameter limit."""
-    if not rows:
-        return []
-    width = len(rows[0])
-    out = []
-    start = 0
-    for size in _ROWS_PER_INSERT:
-        if size * width > limit and size > 1:
-            continue
-        while len(rows) - start >= size:
-            chunk = rows[start : start + size]
-            params = [_NULL if v is None else v for v in itertools.chain.from_iterable(chunk)]
-            out.append((_values_sql(head, width, size), params))
-            start += size
-    return out
+# A writer process that says nothing for this long while it owes an answer is hung.
+WRITER_DEADLINE: Final = 60.0
+WRITER_IN_FLIGHT: Final = 4  # batches sent to the writer process and not yet answered
+PIPE_BYTES: Final = 1 << 20
 
 
 def _chunks(values: Iterable[Any]) -> Iterable[list[Any]]:
@@ -280,7 +256,10 @@ def _chunks(values: Iterable[Any]) -> Iterable[list[Any]]:
         yield items[start : start + _CHUNK]
 
 
-_Statement = tuple[str, list[Any]]
+class _Folded(NamedTuple):
+    tables: list[tuple[str, list[tuple[Any, ...]]]]  # (INSERT head, rows) per table
+    last: int
+    size: int
 
 
 class _Prepared(NamedTuple):
@@ -535,6 +514,17 @@ class ProjectionStore:
 
     async def _prepare(self, batch: Sequence[StoredEvent]) -> _Prepared | None:
         """Fold a batch into memory and freeze its SQL parameters (no write yet)."""
+        folded = await self._fold(batch)
+        if folded is None:
+            return None
+        limit = self.writer.max_params
+        statements: list[_Statement] = []
+        for head, rows in folded.tables:
+            statements += _inserts(head, rows, limit)
+        return _Prepared(statements=statements, last=folded.last, size=folded.size)
+
+    async def _fold(self, batch: Sequence[StoredEvent]) -> _Folded | None:
+        """Fold a batch into memory and freeze the rows it writes (no write yet)."""
         fresh: list[StoredEvent] = []
         last = self._planned
         for stored in batch:
@@ -545,24 +535,21 @@ class ProjectionStore:
             return None
         await self._load(fresh)
         model = self._model
-        limit = self.writer.max_params
         try:
-            events = [project_values(model, stored) for stored in fresh]
-            statements = _inserts(_INSERT_EVENT, events, limit)
-            for head, params in (
+            tables = [
+                (_INSERT_EVENT, [project_values(model, stored) for stored in fresh]),
                 (_UPSERT_TASK, [_task_params(model.tasks[k]) for k in model.dirty_tasks]),
                 (_UPSERT_ATTEMPT,
                  [_attempt_params(model.attempts[k]) for k in model.dirty_attempts]),
                 (_UPSERT_GPU, [_gpu_params(model.gpus[k]) for k in model.dirty_gpus]),
                 (_UPSERT_NODE, [_node_params(model.nodes[k]) for k in model.dirty_nodes]),
-            ):  # fmt: skip
-                statements += _inserts(head, params, limit)
+            ]  # fmt: skip
         except BaseException:
             self._forget()
             raise
         model.clear_dirty()
         self._planned = last
-        return _Prepared(statements=statements, last=last, size=len(fresh))
+        return _Folded(tables=[(h, rows) for h, rows in tables if rows], last=last, size=len(fresh))
 
     def _forget(self) -> None:
         """Memory holds changes that will not be committed: drop it, reload from SQLite."""
@@ -707,16 +694,173 @@ class ProjectionStore:
     ) -> int:
         """Drop every read model and fold the whole log again.
 
-        Batches commit as they go, so a rebuild that is killed resumes with `catch_up`.
+        The fold stays here; the SQLite writes and the index build run in a writer
+        process on another core (a thread would only take turns under the GIL). Batches
+        commit there as they go, each with its checkpoint, so a rebuild that is killed
+        resumes with `catch_up`. The indexes are kept up as rows go in: that costs the
+        writer time it has spare, while building them at the end cost the whole rebuild
+        that time.
         """
-        await self.reset()
-        # Building the index once at the end is cheaper than growing it row by row; if
-        # the rebuild is killed, the next open re-creates it (CREATE ... IF NOT EXISTS).
-        for name in EVENT_INDEXES:
-            await self.db.execute(f"DROP INDEX IF EXISTS {name}")
-        last = await self.catch_up(log, batch_size=batch_size, progress=progress)
-        await self.db.executescript(SCHEMA)
+        writer = await _WriterProcess.start()
+        try:
+            await self.reset()
+            await writer.open(self.path)
+            end = await _end_of(log)
+            if progress is not None:
+                progress(self._checkpoint, end)
+            send, receive = anyio.create_memory_object_stream[list[StoredEvent]](2)
+            with _first_error():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_read_batches, log, self._checkpoint + 1, end, batch_size, send)
+                    async with receive:
+                        with _frozen_heap():
+                            await self._feed(writer, receive, progress, end)
+            await writer.finish(SCHEMA, WRITER_DEADLINE)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await writer.close()  # it commits the batches it got whole, then exits
+                self._checkpoint = await self._read_checkpoint()
+                self._forget()
+                self._wake(self._checkpoint)
+            raise
+        await writer.close()
+        return self._checkpoint
+
+    async def _feed(
+        self,
+        writer: _WriterProcess,
+        batches: AsyncIterator[list[StoredEvent]],
+        progress: Progress | None,
+        end: int | None,
+    ) -> None:
+        """Fold each batch and hand its rows to the writer process, a few batches ahead."""
+        sent: deque[int] = deque()
+
+        async def settle(keep: int) -> None:
+            while len(sent) > keep:
+                committed = await writer.answer()
+                if committed != sent.popleft():
+                    raise ProjectionStoreError(f"writer process committed {committed} out of order")
+                self._checkpoint = committed
+                self._wake(committed)
+                if progress is not None:
+                    progress(committed, end)
+
+        async for batch in batches:
+            folded = await self._fold(batch)
+            if folded is None:
+                continue
+            writer.send(["batch", folded.last, folded.tables])
+            sent.append(folded.last)
+            await settle(WRITER_IN_FLIGHT)
+            if self._large():  # rows evicted from memory reload from committed SQLite
+                await settle(0)
+                self._evict_if_large()
+        await settle(0)
+
+
+class _WriterProcess:
+    """projections/writer.py in a child process, fed length-prefixed msgpack on stdin.
+
+    A thread writes to the pipe (the write releases the GIL, and the fold never waits
+    for the child to drain it). Every wait has a deadline, an error in the child comes
+    back as its traceback in a ProjectionStoreError, and the child exits at the end of
+    its input, so it never outlives this process.
+    """
+
+    def __init__(self, process: Process, pipe: int) -> None:
+        self._process = process
+        assert process.stdout is not None
+        self._replies = BufferedByteReceiveStream(process.stdout)
+        self._outbox: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(
+            target=_pump, args=(pipe, self._outbox), name="projections-writer-pipe", daemon=True
+        )
+        self._sender.start()
+
+    @classmethod
+    async def start(cls) -> _WriterProcess:
+        command = [sys.executable, "-m", "gpuwarden.projections.writer"]
+        child_end, pipe = os.pipe()
+        try:
+            with suppress(OSError, AttributeError):  # a larger pipe: fewer wake-ups
+                fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            process = await anyio.open_process(command, stdin=child_end, stderr=None)
+        except BaseException:
+            os.close(pipe)
+            raise
+        finally:
+            os.close(child_end)
+        return cls(process, pipe)
+
+    async def open(self, path: Path) -> None:
+        self.send(["open", str(path), PRAGMAS])
+
+    def send(self, message: Any) -> None:
+        self._outbox.put(frame(message))
+
+    async def answer(self, deadline: float = WRITER_DEADLINE) -> int:
+        """The sequence of the next batch the child committed."""
+        try:
+            with anyio.fail_after(deadline):
+                (size,) = HEADER.unpack(await self._replies.receive_exactly(HEADER.size))
+                reply = unframe(await self._replies.receive_exactly(size))
+        except TimeoutError:
+            raise ProjectionStoreError(
+                f"projection writer process gave no answer for {deadline:.0f}s"
+            ) from None
+        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+            raise ProjectionStoreError(
+                f"projection writer process exited (code {self._process.returncode})"
+            ) from None
+        if reply[0] == "error":
+            raise ProjectionStoreError(f"projection writer process failed:\n{reply[1]}")
+        last: int = reply[1]
         return last
+
+    async def finish(self, script: str, deadline: float) -> None:
+        self.send(["finish", script])
+        await self.answer(deadline)
+
+    async def close(self) -> None:
+        """End its input (it commits what it got whole, then exits) and reap it."""
+        with anyio.CancelScope(shield=True):
+            self._outbox.put(None)
+            try:
+                with anyio.fail_after(WRITER_DEADLINE):
+                    await self._process.wait()
+            except TimeoutError:
+                self._process.kill()  # the pipe breaks, so the sender thread ends too
+            await self._process.aclose()
+            await anyio.to_thread.run_sync(self._sender.join, WRITER_DEADLINE)
+
+
+def _pump(pipe: int, outbox: queue.SimpleQueue[bytearray | None]) -> None:
+    """Write each framed message to the child until told to stop or the pipe breaks."""
+    try:
+        while (data := outbox.get()) is not None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(pipe, view) :]
+    except OSError:  # the child is gone; its exit or silence is reported by `answer`
+        pass
+    finally:
+        os.close(pipe)
+
+
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Keep the collector off the objects that existed before a bulk fold.
+
+    A rebuild allocates millions of short-lived rows; every full collection would walk
+    the whole heap again for nothing (about 5% of a rebuild). Frozen objects are still
+    collected once unfrozen.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextmanager
@@ -749,13 +893,15 @@ async def _read_batches(
         if until_seq is not None and until_seq < from_seq:
             return
         batch: list[StoredEvent] = []
-        async for stored in log.read(from_seq, until_seq):
-            batch.append(stored)
-            if len(batch) >= batch_size:
+        # The consumer closes its end when it fails: its error is the one to report.
+        with suppress(anyio.BrokenResourceError):
+            async for stored in log.read(from_seq, until_seq):
+                batch.append(stored)
+                if len(batch) >= batch_size:
+                    await send.send(batch)
+                    batch = []
+            if batch:
                 await send.send(batch)
-                batch = []
-        if batch:
-            await send.send(batch)
 
 
 async def _forward(
