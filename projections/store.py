@@ -416,10 +416,17 @@ class ProjectionStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(self.path, isolation_level=None)
         self._db = db
-        for pragma in PRAGMAS:
-            await db.execute(pragma)
-        await self._ensure_schema()
-        self._writer = await anyio.to_thread.run_sync(_Writer, self.path)
+        try:
+            for pragma in PRAGMAS:
+                await db.execute(pragma)
+            await self._ensure_schema()
+            self._writer = await anyio.to_thread.run_sync(_Writer, self.path)
+        except BaseException:
+            # aiosqlite's thread is not a daemon: left open, it would hang the exit.
+            with anyio.CancelScope(shield=True):
+                self._db = None
+                await db.close()
+            raise
         return self
 
     async def close(self) -> None:

@@ -246,3 +246,18 @@ async def test_a_real_rebuild_killed_midway_resumes_with_its_indexes(tmp_path: P
         async with store.db.execute("SELECT name FROM sqlite_master WHERE type='index'") as cur:
             names = {row[0] for row in await cur.fetchall()}
         assert set(store_mod.EVENT_INDEXES) <= names
+
+
+async def test_a_store_that_cannot_open_does_not_leave_its_connection_thread(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    from gpuwarden.projections.store import ProjectionStore
+
+    bad = tmp_path / "p.sqlite3"
+    bad.write_bytes(b"this is not a SQLite database" * 100)
+    before = threading.active_count()
+    with pytest.raises(Exception):  # noqa: B017 - whatever SQLite says about it
+        await ProjectionStore(bad).open()
+    assert threading.active_count() == before
