@@ -84,7 +84,9 @@ async def connect(
     problems: list[str] = []
 
     async def remember(exc: Exception) -> None:
-        problems[:] = [str(exc) or type(exc).__name__]  # the last one is enough
+        text = str(exc) or type(exc).__name__
+        if text not in problems:  # a few distinct ones: "reset by peer" hides the cause
+            problems[:] = [*problems[-2:], text]
         await _log_error(exc)
 
     settings: dict[str, Any] = {
@@ -103,7 +105,7 @@ async def connect(
         with anyio.fail_after(deadline_s):
             return await nats.connect(servers, **settings)
     except TimeoutError:
-        why = f" (last error: {problems[-1]})" if problems else ""
+        why = f" (errors seen: {'; '.join(problems)})" if problems else ""
         raise EventLogError(f"cannot connect to NATS at {url} within {deadline_s}s{why}") from None
     except (OSError, nats.errors.Error) as exc:
         reason = str(exc) or type(exc).__name__

@@ -356,7 +356,3 @@ class SimRuntime:
                 if self.backlog() == 0:
                     return
                 await self.progress.wait()
-
-
-def running_containers(sim: SimRuntime) -> list[SimContainer]:
-    return [c for c in sim.containers.values() if c.running]

@@ -34,7 +34,6 @@ from gpuwarden.engine.events import (
     NodeLost,
     NodeRecovered,
     TaskCancelled,
-    TaskScheduled,
     subject_of,
     type_of,
 )
@@ -478,12 +477,3 @@ def _parts(decisions: Sequence[Event]) -> list[list[Event]]:
         parts.append([])
     parts[-1].extend(group)
     return parts
-
-
-def scheduled_runs(state: State) -> list[TaskScheduled]:
-    """Attempts scheduled but not started (for tests and status output)."""
-    return [
-        a.scheduled
-        for t in state.tasks.values()
-        if (a := t.current) is not None and a.live and not a.started
-    ]

@@ -19,7 +19,6 @@ from gpuwarden.engine.ports import StoredEvent
 
 INVALID_TYPE: Final = "!invalid"
 TASK_STATES: Final = ("pending", "scheduled", "running", "completed", "failed", "cancelled")
-ATTEMPT_OUTCOMES: Final = ("rebuilt", "failed", "completed", "cancelled")
 
 
 class TaskRow(msgspec.Struct, kw_only=True):
@@ -163,10 +162,6 @@ def format_time(value: datetime | None) -> str | None:
     elif value.utcoffset():
         value = value.astimezone(UTC)
     return value.isoformat(timespec="microseconds")
-
-
-def parse_stored_time(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
 
 
 # --- the fold ------------------------------------------------------------------------

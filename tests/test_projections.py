@@ -253,11 +253,17 @@ async def test_a_store_that_cannot_open_does_not_leave_its_connection_thread(
 ) -> None:
     import threading
 
+    import aiosqlite
     from gpuwarden.projections.store import ProjectionStore
+
+    def connections() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if isinstance(t, aiosqlite.Connection)}
 
     bad = tmp_path / "p.sqlite3"
     bad.write_bytes(b"this is not a SQLite database" * 100)
-    before = threading.active_count()
+    before = connections()
     with pytest.raises(Exception):  # noqa: B017 - whatever SQLite says about it
         await ProjectionStore(bad).open()
-    assert threading.active_count() == before
+    for thread in connections() - before:  # ours, if any, must have been closed
+        thread.join(5)
+        assert not thread.is_alive()
