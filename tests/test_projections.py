@@ -253,11 +253,10 @@ async def test_a_store_that_cannot_open_does_not_leave_its_connection_thread(
 ) -> None:
     import threading
 
-    import aiosqlite
     from gpuwarden.projections.store import ProjectionStore
 
-    def connections() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if isinstance(t, aiosqlite.Connection)}
+    def connections() -> set[threading.Thread]:  # aiosqlite's worker threads, by name
+        return {t for t in threading.enumerate() if "connection_worker" in t.name}
 
     bad = tmp_path / "p.sqlite3"
     bad.write_bytes(b"this is not a SQLite database" * 100)
