@@ -499,6 +499,14 @@ def project_values(model: Model, stored: StoredEvent) -> tuple[Any, ...]:
     return index_values(stored, at)
 
 
+def project_rows(model: Model, e: Any) -> str | None:
+    """`project` of a decoded event without its events-index row (a rebuild's writer
+    process builds those); returns the event's time as the rows hold it."""
+    at = format_time(e.at)
+    HANDLERS[type(e)](model, e, at)
+    return at
+
+
 def project(model: Model, stored: StoredEvent) -> EventRow:
     """Fold one stored event into the model; returns its events-index row."""
     e = stored.event

@@ -40,9 +40,10 @@ from gpuwarden.projections.model import (
     NodeRow,
     TaskRow,
     keys_of,
+    project_rows,
     project_values,
 )
-from gpuwarden.projections.writer import HEADER, frame, unframe
+from gpuwarden.projections.writer import EVENTS_INSERT, HEADER, RAW_EVENTS, frame, unframe
 from gpuwarden.projections.writer import Statement as _Statement
 from gpuwarden.projections.writer import inserts as _inserts
 
@@ -63,6 +64,12 @@ PRAGMAS: Final = (
     "PRAGMA temp_store=MEMORY",
     "PRAGMA cache_size=-65536",
 )
+
+# A rebuild's writer lets the WAL grow to about 40 MiB between checkpoints (the default
+# is 4 MiB): index pages that change again and again are copied into the database once
+# per checkpoint, and fewer checkpoints cut the writer's work by a tenth. The last
+# checkpoint runs when the writer closes the database, inside the rebuild.
+REBUILD_PRAGMAS: Final = (*PRAGMAS, "PRAGMA wal_autocheckpoint=10000")
 
 
 class ReadableLog(Protocol):
@@ -238,7 +245,7 @@ def _upsert(table: str, cls: type[msgspec.Struct]) -> str:
     return f"INSERT OR REPLACE INTO {table} ({names}) VALUES "
 
 
-_INSERT_EVENT: Final = "INSERT INTO events VALUES "
+_INSERT_EVENT: Final = EVENTS_INSERT
 _UPSERT_TASK: Final = _upsert("tasks", TaskRow)
 _UPSERT_ATTEMPT: Final = _upsert("attempts", AttemptRow)
 _UPSERT_GPU: Final = _upsert("gpus", GpuRow)
@@ -530,8 +537,14 @@ class ProjectionStore:
             statements += _inserts(head, rows, limit)
         return _Prepared(statements=statements, last=folded.last, size=folded.size)
 
-    async def _fold(self, batch: Sequence[StoredEvent]) -> _Folded | None:
-        """Fold a batch into memory and freeze the rows it writes (no write yet)."""
+    async def _fold(self, batch: Sequence[StoredEvent], raw: bool = False) -> _Folded | None:
+        """Fold a batch into memory and freeze the rows it writes (no write yet).
+
+        With `raw`, the events index goes as the stored events themselves (sequence,
+        subject, headers, bytes, and the time as text) under RAW_EVENTS, for the writer
+        process to decode and index on its own core; only an event without its bytes
+        gets its row built here.
+        """
         fresh: list[StoredEvent] = []
         last = self._planned
         for stored in batch:
@@ -543,8 +556,21 @@ class ProjectionStore:
         await self._load(fresh)
         model = self._model
         try:
+            if raw:
+                rows, stored_rows = [], []
+                for stored in fresh:
+                    if stored.event is not None and stored.data:
+                        at = project_rows(model, stored.event)
+                        stored_rows.append(
+                            (stored.seq, stored.subject, stored.headers or None, stored.data, at)
+                        )
+                    else:
+                        rows.append(project_values(model, stored))
+                events = [(_INSERT_EVENT, rows), (RAW_EVENTS, stored_rows)]
+            else:
+                events = [(_INSERT_EVENT, [project_values(model, stored) for stored in fresh])]
             tables = [
-                (_INSERT_EVENT, [project_values(model, stored) for stored in fresh]),
+                *events,
                 (_UPSERT_TASK, [_task_params(model.tasks[k]) for k in model.dirty_tasks]),
                 (_UPSERT_ATTEMPT,
                  [_attempt_params(model.attempts[k]) for k in model.dirty_attempts]),
@@ -754,7 +780,7 @@ class ProjectionStore:
                     progress(committed, end)
 
         async for batch in batches:
-            folded = await self._fold(batch)
+            folded = await self._fold(batch, raw=True)
             if folded is None:
                 continue
             writer.send(["batch", folded.last, folded.tables])
@@ -801,7 +827,7 @@ class _WriterProcess:
         return cls(process, pipe)
 
     async def open(self, path: Path) -> None:
-        self.send(["open", str(path), PRAGMAS])
+        self.send(["open", str(path), REBUILD_PRAGMAS])
 
     def send(self, message: Any) -> None:
         self._outbox.put(frame(message))

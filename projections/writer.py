@@ -2,8 +2,15 @@
 
 A rebuild is bound by one core: reading the log and folding it hold the GIL, so a
 writer thread only takes turns with them. Run as `python -m gpuwarden.projections.writer`
-this module writes on the second core while the parent reads and folds. It imports only
-the standard library and msgspec, so it is ready before the first batch arrives.
+this module writes on the second core while the parent reads and folds. It starts with
+only the standard library and msgspec, so it is ready before the first batch arrives.
+
+The events index of a rebuild is built here too: the parent sends each stored event as
+it came from the log (sequence, subject, headers, bytes; and its time as the parent
+formatted it for the rows) under the table name
+RAW_EVENTS, and this process decodes it and makes its row with the very function the
+parent's other paths use (`model.index_values`). That moves a third of the parent's
+fold onto this core; the model is imported on the first such batch.
 
 Protocol on stdin/stdout: length-prefixed msgpack (msgspec encodes a batch's rows three
 times faster than pickle, and the encoding is the parent's cost). The parent sends
@@ -42,6 +49,9 @@ ROWS_PER_INSERT: Final = (256, 64, 16, 4, 1)
 NULL: Final = math.nan
 
 Statement = tuple[str, list[Any]]
+EVENTS_INSERT: Final = "INSERT INTO events VALUES "
+# A batch's table of stored events whose index rows this process builds itself.
+RAW_EVENTS: Final = "raw events"
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,6 +111,30 @@ def _reply(stream: BinaryIO, message: Any) -> None:
     stream.flush()
 
 
+def index_rows(stored_rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """Events-index rows of (seq, subject, headers or None, bytes, time as text)."""
+    from gpuwarden.engine.events import decode
+    from gpuwarden.engine.ports import StoredEvent
+    from gpuwarden.projections.model import index_values
+
+    rows = []
+    for seq, subject, headers, data, at in stored_rows:
+        stored = StoredEvent(
+            seq=seq, subject=subject, event=decode(data), data=data, headers=headers or {}
+        )
+        rows.append(index_values(stored, at))
+    return rows
+
+
+def _statements(tables: Sequence[Sequence[Any]], limit: int) -> list[Statement]:
+    out: list[Statement] = []
+    for head, rows in tables:
+        if head == RAW_EVENTS:
+            head, rows = EVENTS_INSERT, index_rows(rows)
+        out += inserts(head, rows, limit)
+    return out
+
+
 def _commit(conn: sqlite3.Connection, statements: list[Statement], last: int) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -121,7 +155,7 @@ def _serve(conn: sqlite3.Connection, inp: BinaryIO, out: BinaryIO) -> None:
         if message[0] == "batch":
             _, last, tables = message
             last = int(last)
-            statements = [s for head, rows in tables for s in inserts(head, rows, limit)]
+            statements = _statements(tables, limit)
             _commit(conn, statements, last)
             _reply(out, ("ok", last))
         elif message[0] == "finish":

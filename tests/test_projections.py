@@ -266,3 +266,23 @@ async def test_a_store_that_cannot_open_does_not_leave_its_connection_thread(
     for thread in connections() - before:  # ours, if any, must have been closed
         thread.join(5)
         assert not thread.is_alive()
+
+
+async def test_rebuild_indexes_events_in_its_writer_process_as_apply_does(
+    tmp_path: Path,
+) -> None:
+    """The rebuild's writer process builds index rows from the raw bytes; every kind of
+    stored event (with headers, without its bytes, undecodable) must come out as the
+    parent's own `index_row` makes it."""
+    import msgspec
+
+    stored = sample_log().stored
+    assert any(s.event is None for s in stored) and all(s.data for s in stored)
+    stored[3] = msgspec.structs.replace(stored[3], headers={"Gw-Basis": "3", "Gw-Trigger": "1-3"})
+    stored[5] = msgspec.structs.replace(stored[5], data=b"")  # built in the parent instead
+    async with ProjectionStore(tmp_path) as store:
+        assert await store.rebuild(ListLog(stored), batch_size=6) == len(stored)
+        snap = await snapshot(store)
+    assert snap["events"] == [m.index_row(s) for s in stored]
+    assert snap["events"][3].headers == {"Gw-Basis": "3", "Gw-Trigger": "1-3"}
+    assert (snap["tasks"], snap["attempts"]) == (EXPECTED_TASKS, EXPECTED_ATTEMPTS)
