@@ -7,7 +7,6 @@ Pure module: no I/O, no clock, no randomness.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 from datetime import datetime
@@ -332,9 +331,9 @@ def subject_of(event: Event) -> str:
 # --- ids ---------------------------------------------------------------------------
 
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-# base32hex (0-9A-V) and Crockford's base32 order their 32 digits alike: a table maps one
-# onto the other, so the C encoder does the work.
-_HEX_TO_CROCKFORD: Final = str.maketrans("0123456789ABCDEFGHIJKLMNOPQRSTUV", _CROCKFORD)
+# Every pair of Crockford digits, by the 10-bit value it encodes: a derived id's 80 bits
+# are 8 table lookups (base64's base32 is pure Python and took twice as long).
+_PAIRS: Final = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
 
 
 def _b32(value: int, length: int) -> str:
@@ -361,4 +360,8 @@ def derive_id(parent_id: str, label: str) -> str:
     The parent's time prefix is kept, so derived ids still sort by time.
     """
     digest = hashlib.blake2b(f"{parent_id}/{label}".encode(), digest_size=10).digest()
-    return parent_id[:10] + base64.b32hexencode(digest).decode().translate(_HEX_TO_CROCKFORD)
+    v, p = int.from_bytes(digest, "big"), _PAIRS
+    return "".join((
+        parent_id[:10], p[v >> 70], p[v >> 60 & 1023], p[v >> 50 & 1023], p[v >> 40 & 1023],
+        p[v >> 30 & 1023], p[v >> 20 & 1023], p[v >> 10 & 1023], p[v & 1023],
+    ))  # fmt: skip

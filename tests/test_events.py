@@ -177,6 +177,15 @@ def test_derived_ids_are_stable_and_distinct() -> None:
     assert ev.derive_id(parent, "a")[:10] == parent[:10]
 
 
+def test_derived_ids_match_those_already_in_logs() -> None:
+    """Replay re-derives the ids a log holds: the encoding may get faster, never change.
+    These two were made by the first implementation (blake2b, then base32hex mapped onto
+    Crockford's alphabet)."""
+    parent = "01JABCDEFGHJKMNPQRSTVWXYZ0"
+    assert ev.derive_id(parent, "scheduled/3") == "01JABCDEFG4W6Z1Q0FNVXVJ36X"
+    assert ev.derive_id(parent, "allocated/1/GPU-0") == "01JABCDEFGWTBDC61E53H532AK"
+
+
 def test_subjects_per_aggregate() -> None:
     by_type = {ev.type_of(e): ev.subject_of(e) for e in sample_events()}
     assert by_type["node.lost"] == "gw.evt.node.n1"
