@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable, Sequence
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -161,7 +162,9 @@ class State:
     timers: list[Timer] = field(default_factory=list)  # heap; stale entries are skipped
     submitted: int = 0
     events: int = 0
-    free_nodes: dict[str, None] = field(default_factory=dict)  # nodes with a free GPU
+    # Nodes with a free GPU as (free GPUs, name), sorted: placement's order of preference,
+    # kept up by the fold so a placement is a bisect, not a sort of every node.
+    free_ranked: list[tuple[int, str]] = field(default_factory=list)
 
 
 def initial_state(policy: Policy = DEFAULT_POLICY, table: FaultTable | None = None) -> State:
@@ -223,11 +226,20 @@ def _refree(state: State, gpu: GpuState, was_free: bool) -> None:
     node = state.nodes.get(gpu.node)
     if node is None:
         return
-    node.free += 1 if now_free else -1
+    _set_free(state, node, node.free + (1 if now_free else -1))
+
+
+def _set_free(state: State, node: NodeState, free: int) -> None:
+    """Change a node's free count and move it within the ranked free-node index."""
+    ranked = state.free_ranked
     if node.free > 0:
-        state.free_nodes[node.name] = None
-    else:
-        state.free_nodes.pop(node.name, None)
+        key = (node.free, node.name)
+        i = bisect_left(ranked, key)
+        if i < len(ranked) and ranked[i] == key:
+            del ranked[i]
+    node.free = free
+    if free > 0:
+        insort(ranked, (free, node.name))
 
 
 def _on_node_registered(state: State, e: NodeRegistered) -> None:
@@ -257,11 +269,7 @@ def _on_node_registered(state: State, e: NodeRegistered) -> None:
             )
         uuids.append(info.uuid)
     node.gpus = uuids
-    node.free = sum(1 for u in uuids if _is_free(state.gpus[u]))
-    if node.free > 0:
-        state.free_nodes[node.name] = None
-    else:
-        state.free_nodes.pop(node.name, None)
+    _set_free(state, node, sum(1 for u in uuids if _is_free(state.gpus[u])))
 
 
 def _on_node_lost(state: State, e: NodeLost) -> None:
@@ -508,7 +516,6 @@ class _Round:
         "now",
         "place",
         "released",
-        "shortlists",
         "state",
         "taken",
         "taken_on",
@@ -520,7 +527,6 @@ class _Round:
         self.events: list[Event] = []
         self.taken: set[str] = set()  # GPUs allocated (or quarantined) in this round
         self.taken_on: dict[str, int] = {}  # of those, free ones per node
-        self.shortlists: dict[int, list[str]] = {}  # placement candidates by GPU count
         self.released: set[str] = set()  # GPUs released in this round
         self.concluded: set[tuple[str, int]] = set()  # attempts classified in this round
         self.place = False  # run a placement round at the end
@@ -867,10 +873,7 @@ def _placement_round(r: _Round) -> None:
             exclude_gpus=frozenset(rebuild.exclude_gpus) if rebuild else frozenset(),
             exclude_nodes=_still_excluded(state, rebuild) if rebuild else frozenset(),
         )
-        candidates = _candidates(r, spec.gpus)
-        found = (
-            first_fit(request, state.nodes, state.gpus, r.taken, candidates) if candidates else None
-        )
+        found = first_fit(request, state.nodes, state.gpus, r.taken, _candidates(r, spec.gpus))
         parent = rebuild.id if rebuild is not None else spec.id
         if found is not None:
             _schedule(r, task, found, parent)
@@ -906,23 +909,25 @@ def _take(r: _Round, uuid: str) -> None:
     gpu = r.state.gpus.get(uuid)
     if gpu is not None and _is_free(gpu):
         r.taken_on[gpu.node] = r.taken_on.get(gpu.node, 0) + 1
-        r.shortlists.clear()
 
 
-def _candidates(r: _Round, gpus: int) -> list[str]:
-    """Nodes with `gpus` free GPUs left in this round, fewest first (placement's order)."""
-    found = r.shortlists.get(gpus)
-    if found is not None:
-        return found
-    nodes, taken_on = r.state.nodes, r.taken_on
-    counted = [
+def _candidates(r: _Round, gpus: int) -> Iterator[str]:
+    """Nodes with `gpus` free GPUs left in this round, fewest first, then by name
+    (placement's order), produced lazily: the first that fits is usually the first."""
+    ranked = r.state.free_ranked
+    start = bisect_left(ranked, (gpus, ""))
+    taken_on = r.taken_on
+    if not taken_on:
+        return (ranked[i][1] for i in range(start, len(ranked)))
+    nodes = r.state.nodes
+    # Nodes that gave GPUs to this round rank by what they have left.
+    touched = sorted(
         (free, name)
-        for name in r.state.free_nodes
-        if (free := nodes[name].free - taken_on.get(name, 0)) >= gpus
-    ]
-    counted.sort()
-    found = r.shortlists[gpus] = [name for _, name in counted]
-    return found
+        for name, taken in taken_on.items()
+        if (node := nodes.get(name)) is not None and (free := node.free - taken) >= gpus
+    )
+    rest = (item for item in ranked[start:] if item[1] not in taken_on)
+    return (name for _, name in heapq.merge(rest, touched))
 
 
 def _schedule(r: _Round, task: TaskState, placement: Placement, parent: str) -> None:

@@ -17,13 +17,14 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def check_indexes(state: State) -> None:
-    """The placement index (free GPUs per node, free-node set) agrees with a recount."""
+    """The placement index (free GPUs per node, ranked free nodes) agrees with a recount."""
     for name, node in state.nodes.items():
         free = sum(
             1 for u in node.gpus if state.gpus[u].holder is None and not state.gpus[u].quarantined
         )
         assert node.free == free, f"{name}: index says {node.free} free, recount {free}"
-        assert (name in state.free_nodes) == (free > 0), name
+    ranked = sorted((n.free, name) for name, n in state.nodes.items() if n.free > 0)
+    assert state.free_ranked == ranked, "the ranked free-node index is out of step"
 
 
 class Driver:
