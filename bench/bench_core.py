@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 import msgspec
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.policy import Policy
-from gpuwarden.engine.supervisor import decide, evolve, initial_state
+from gpuwarden.engine.supervisor import decide_many, evolve, initial_state
 
 from tests.supervisor_driver import Driver
 
@@ -32,19 +32,41 @@ GPUS_PER_NODE = 8
 POLICY = Policy(max_rebuilds=3, window_s=3600)
 GOAL = 0.4
 
-Plan = list[tuple[int, int, datetime]]
+Plan = list[tuple[int, tuple[int, ...], datetime]]
 
 
 class RecordingDriver(Driver):
-    """The driver, noting each decide call (log length, trigger, now) for the replay."""
+    """The driver deciding as the engine loop does, noting each call for the replay.
+
+    The engine folds a decision group back as a whole and decides once on all of it
+    (`decide_many`), so a rebuild's GPU releases make one placement round, not one
+    each; the plain driver decides after every single event. Each call is noted as
+    (log length, trigger ids, now).
+    """
 
     def __init__(self, policy: Policy) -> None:
         super().__init__(policy)
-        self.calls: list[tuple[int, str | None, datetime]] = []
+        self.calls: list[tuple[int, tuple[str, ...], datetime]] = []
+
+    def append(self, event: ev.Event) -> None:  # no index recount: tests do that
+        self.log.append(event)
+        evolve(self.state, event)
+        self._decide(event)
 
     def _decide(self, trigger: ev.Event | None) -> None:
-        self.calls.append((len(self.log), None if trigger is None else trigger.id, self.now))
-        super()._decide(trigger)
+        self._decide_group(() if trigger is None else (trigger,))
+
+    def _decide_group(self, triggers: tuple[ev.Event, ...]) -> None:
+        self.calls.append((len(self.log), tuple(e.id for e in triggers), self.now))
+        basis = len(self.log)
+        group = decide_many(self.state, triggers, self.now)
+        if not group:
+            return
+        self.decisions.append((basis, triggers[0].id if triggers else "timer", group))
+        for event in group:
+            self.log.append(event)
+            evolve(self.state, event)
+        self._decide_group(tuple(group))
 
 
 class LogBuilder:
@@ -71,10 +93,10 @@ class LogBuilder:
         log = self.d.log[:target]
         index = {e.id: i for i, e in enumerate(log)}
         plan: Plan = []
-        for basis, trigger, now in self.d.calls:
+        for basis, triggers, now in self.d.calls:
             if basis > target:
                 break
-            plan.append((basis, -1 if trigger is None else index[trigger], now))
+            plan.append((basis, tuple(index[t] for t in triggers), now))
         return log, plan
 
     def one_step(self) -> None:
@@ -189,7 +211,7 @@ def fold_only(blobs: list[bytes]) -> None:
 
 
 def full_path(blobs: list[bytes], plan: Plan) -> None:
-    """Decode, fold, and decide exactly where the engine loop did (timers included).
+    """Decode, fold, and decide exactly where the recording did (timers included).
 
     Deciding after every single event instead would decide in the middle of an atomic
     group, a state the engine never sees, and re-derive the rest of the group there.
@@ -198,13 +220,13 @@ def full_path(blobs: list[bytes], plan: Plan) -> None:
     decoder = msgspec.json.Decoder(ev.Event)
     events: list[ev.Event] = []
     folded = 0
-    for basis, trigger, now in plan:
+    for basis, triggers, now in plan:
         while folded < basis:
             event = decoder.decode(blobs[folded])
             evolve(state, event)
             events.append(event)
             folded += 1
-        decide(state, None if trigger < 0 else events[trigger], now)
+        decide_many(state, [events[i] for i in triggers], now)
     for blob in blobs[folded:]:
         evolve(state, decoder.decode(blob))
 
@@ -239,7 +261,7 @@ def main() -> None:
     )
     print("  " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
 
-    print(f"  {len(plan)} decide calls (each event, each decision, each due timer)")
+    print(f"  {len(plan)} decide calls (each outside event, each decision group, each due timer)")
     raw = best_rate(lambda: decode_only(blobs), len(blobs), args.repeats)
     fold = best_rate(lambda: fold_only(blobs), len(blobs), args.repeats)
     full = best_rate(lambda: full_path(blobs, plan), len(blobs), args.repeats)
