@@ -151,12 +151,22 @@ class Model:
 # --- time ----------------------------------------------------------------------------
 
 
+_rfc3339: Final = msgspec.json.Encoder().encode
+_RFC3339_WITH_MICROS: Final = len(b'"2025-01-01T00:00:00.000000Z"')
+
+
 def format_time(value: datetime | None) -> str | None:
     """UTC ISO-8601 with microseconds: fixed width, so text order is time order."""
     if value is None:
         return None
-    if value.tzinfo is UTC:  # what the decoder gives: skip the offset arithmetic
-        return value.isoformat(timespec="microseconds")
+    if value.tzinfo is UTC:
+        # What the decoder gives, once per event in a rebuild. msgspec's C encoder writes
+        # the same digits as isoformat in a quarter of the time ('Z' for the offset, and
+        # no fraction when it is zero): patch those two up.
+        text = _rfc3339(value)
+        if len(text) == _RFC3339_WITH_MICROS:
+            return text[1:-2].decode() + "+00:00"
+        return text[1:-2].decode() + ".000000+00:00"
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     elif value.utcoffset():

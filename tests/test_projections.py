@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,8 @@ from gpuwarden.projections import model as m
 from gpuwarden.projections import queries as q
 from gpuwarden.projections import store as store_mod
 from gpuwarden.projections.store import ProjectionStore
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.test_projections_log import T0, ListLog, sample_log
 
@@ -286,3 +288,25 @@ async def test_rebuild_indexes_events_in_its_writer_process_as_apply_does(
     assert snap["events"] == [m.index_row(s) for s in stored]
     assert snap["events"][3].headers == {"Gw-Basis": "3", "Gw-Trigger": "1-3"}
     assert (snap["tasks"], snap["attempts"]) == (EXPECTED_TASKS, EXPECTED_ATTEMPTS)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2025, 1, 1, tzinfo=UTC),
+        datetime(2025, 1, 1, 0, 0, 1, 1, tzinfo=UTC),
+        datetime(2025, 6, 30, 23, 59, 59, 120000, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2025, 1, 1, 12, 30, tzinfo=timezone(timedelta(hours=2))),
+        datetime(2025, 1, 1, 12, 30, 0, 5),  # naive: taken as UTC
+    ],
+)
+def test_format_time_is_utc_isoformat_with_microseconds(value: datetime) -> None:
+    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    assert m.format_time(value) == utc.isoformat(timespec="microseconds")
+
+
+@given(st.datetimes(timezones=st.just(UTC)))
+def test_format_time_agrees_with_isoformat_for_any_utc_time(value: datetime) -> None:
+    assert m.format_time(value) == value.isoformat(timespec="microseconds")
