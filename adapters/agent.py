@@ -373,7 +373,8 @@ class Agent:
                 case RunCommand():
                     await self._run(command)
                 case StopCommand():
-                    await self.runtime.stop(command.task_id, command.attempt, self.stop_timeout_s)
+                    grace = self.stop_timeout_s if command.grace_s is None else command.grace_s
+                    await self.runtime.stop(command.task_id, command.attempt, max(0.0, grace))
                 case RemoveCommand():
                     await self.runtime.remove(command.task_id, command.attempt)
         except ContainerRuntimeError as exc:

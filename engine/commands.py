@@ -31,6 +31,10 @@ class RunCommand(_Command, frozen=True, tag="run"):
 class StopCommand(_Command, frozen=True, tag="stop"):
     reason: str = ""
     container_id: str | None = None
+    # Seconds between SIGTERM and SIGKILL; None: the agent's own default. 0 for a process
+    # on a GPU that failed under it (it will not shut down cleanly, and its GPUs are
+    # already given to others).
+    grace_s: float | None = None
 
 
 class RemoveCommand(_Command, frozen=True, tag="remove"):

@@ -22,6 +22,10 @@ Precedence, first match wins (the `rule` names are stable; they go into the log)
    quarantined and excluded; the node too when the fault calls for a node reboot.
 4. the node was lost and there is no exit, or the exit came after the loss:
    `node_lost` (`node_lost`); the node is excluded.
+4b. no exit, the node not lost, and a hardware-class GPU fault on the attempt's GPUs
+   (while it held them): `gpu_hardware` under the same rule names as 3. The caller
+   asks only once the fault's evidence window has passed without an exit (a process
+   hung on a broken GPU never exits by itself); the engine then stops the container.
 5. the OOM flag: `container_oom` (`oom_flag`).
 6. an application-class Xid within the window: `gpu_app_error` (`xid_app`).
 7. a runtime error string on the exit: `image_error` (`exit_error_image`) when it names
@@ -36,8 +40,8 @@ Precedence, first match wins (the `rule` names are stable; they go into the log)
 11. nothing to go on (no exit, no start failure, node not lost, or an exit without
     code, signal or error): `unknown` (`no_evidence`).
 
-GPU faults are placed in time against the exit, so without an exit (a lost node) they
-are not consulted: the node's loss decides. An Xid that is in no table (and 45, which
+GPU faults are placed in time against the exit, so without an exit they only count
+through 4b: a lost node's loss decides first. An Xid that is in no table (and 45, which
 only repeats what it accompanies, and the informational 63 and 92) decides nothing.
 """
 
@@ -242,6 +246,9 @@ def classify(evidence: AttemptEvidence, table: FaultTable = DEFAULT_TABLE) -> Cl
         return Classification("node_lost", "node_lost", ids, (), (evidence.node,), (), code)
     if exited is not None:
         return _classify_exit(evidence, exited, nearby, table)
+    hung = _hardware_classification(evidence, None, _faults_on_gpus(evidence), None, table)
+    if hung is not None:
+        return hung
     return Classification("unknown", "no_evidence", ())
 
 
@@ -276,9 +283,17 @@ def _faults_near_exit(
     return tuple(sorted(near, key=lambda fault: (fault.at, fault.id)))
 
 
+def _faults_on_gpus(evidence: AttemptEvidence) -> tuple[GpuFault, ...]:
+    """GPU faults on this attempt's GPUs, in order. A hardware-class one can only be
+    this attempt's: it quarantines its GPU, and a restore clears the GPU's faults."""
+    gpus = set(evidence.gpu_uuids)
+    held = (fault for fault in evidence.gpu_faults if fault.gpu_uuid in gpus)
+    return tuple(sorted(held, key=lambda fault: (fault.at, fault.id)))
+
+
 def _hardware_classification(
     evidence: AttemptEvidence,
-    exited: ContainerExited,
+    exited: ContainerExited | None,
     nearby: tuple[GpuFault, ...],
     node_lost: NodeLost | None,
     table: FaultTable,
@@ -290,7 +305,7 @@ def _hardware_classification(
     needs_node = [fault for fault, cls in bad if cls == "gpu_node"]
     decisive = needs_node[0] if needs_node else bad[0][0]
     gpus = _unique(fault.gpu_uuid for fault, _ in bad)
-    ids = [exited.id, *(fault.id for fault, _ in bad)]
+    ids = [*([] if exited is None else [exited.id]), *(fault.id for fault, _ in bad)]
     exclude_nodes: tuple[str, ...] = ()
     if needs_node or node_lost is not None:
         exclude_nodes = (evidence.node,)
@@ -303,7 +318,7 @@ def _hardware_classification(
         exclude_gpus=gpus,
         exclude_nodes=exclude_nodes,
         quarantine=gpus,
-        exit_code=exit_code_of(exited),
+        exit_code=None if exited is None else exit_code_of(exited),
     )
 
 

@@ -119,8 +119,9 @@ class Engine:
         self._outbox_ready = anyio.Event()
         self._news = anyio.Event()  # something outside the log changed (a heartbeat)
         self.backoff_s = 0.0  # after a failed append, before the next round
-        # Folded in catch-up: the last cancel per task, recovery per node; their stops are
-        # resent at start_live (an engine may have died before its dispatcher sent them).
+        # Folded in catch-up: the last cancel per task, recovery per node, and attempts
+        # concluded on a GPU fault without an exit; their stops are resent at start_live
+        # (an engine may have died before its dispatcher sent them).
         self._stop_causes: dict[str, Event] = {}
         if liveness is not None:
             liveness.on_news = self.wake
@@ -157,6 +158,8 @@ class Engine:
             self.outbox.extend(commands_for(self.state, event))
         elif isinstance(event, TaskCancelled | NodeRecovered):
             self._stop_causes[record.subject] = event
+        elif isinstance(event, FaultClassified) and event.fault == "gpu_hardware":
+            self._stop_causes[f"{record.subject}#{event.attempt}"] = event  # a hung process
         if self.liveness is not None and isinstance(event, NodeLost | NodeRecovered):
             self.liveness.settled(event.node, lost=isinstance(event, NodeLost))
 

@@ -144,7 +144,7 @@ class TaskState:
 @dataclass(order=True, frozen=True, slots=True)
 class Timer:
     due: datetime
-    kind: str  # "evidence" | "backoff"
+    kind: str  # "evidence" (after an exit) | "fault" (a hardware fault, no exit) | "backoff"
     task_id: str
     attempt: int
 
@@ -195,6 +195,9 @@ def _timer_valid(state: State, timer: Timer) -> bool:
     if timer.kind == "evidence":
         attempt = task.attempts.get(timer.attempt)
         return attempt is not None and attempt.classified is None and not attempt.stop_requested
+    if timer.kind == "fault":  # still running on a GPU that failed under it
+        found = _current_open(state, timer.task_id, timer.attempt)
+        return found is not None and found[1].live
     rebuild = task.rebuild
     return (
         task.status == "waiting"
@@ -313,6 +316,12 @@ def _on_gpu_fault(state: State, e: GpuFault) -> None:
     gpu.faults.append(e)
     if len(gpu.faults) > GPU_FAULT_MEMORY:
         del gpu.faults[0]
+    holder = gpu.holder
+    if holder is not None and gpu_fault_class(e, state.table) in ("gpu_hardware", "gpu_node"):
+        # A process hung on a broken GPU may never exit: if it has not when the fault's
+        # evidence window closes, the attempt is concluded without an exit.
+        due = e.at + timedelta(seconds=state.table.window_s)
+        heapq.heappush(state.timers, Timer(due, "fault", *holder))
 
 
 def _on_gpu_quarantined(state: State, e: GpuQuarantined) -> None:
@@ -499,8 +508,20 @@ _EVOLVE: dict[type[Any], Callable[[State, Any], None]] = {
     TaskCancelled: _on_task_cancelled,
 }
 
+# Events after which the earliest timer may be stale: it is dropped at once, so that a
+# due timer always calls for a decision (the engine and replay never spin on it). An
+# exit or start failure ends an attempt's "fault" timer.
 _SETTLES_TIMERS = frozenset(
-    {FaultClassified, TaskScheduled, TaskPending, TaskCompleted, TaskFailed, TaskCancelled}
+    {
+        FaultClassified,
+        TaskScheduled,
+        TaskPending,
+        TaskCompleted,
+        TaskFailed,
+        TaskCancelled,
+        ContainerExited,
+        ContainerStartFailed,
+    }
 )
 
 
@@ -604,6 +625,10 @@ def _due_timers(r: _Round) -> None:
             continue
         if timer.kind == "backoff":
             r.place = True
+        elif timer.kind == "fault":
+            found = _current_open(r.state, timer.task_id, timer.attempt)
+            assert found is not None  # what _timer_valid checked
+            _conclude(r, *found)
         else:
             task = r.state.tasks[timer.task_id]
             _conclude(r, task, task.attempts[timer.attempt])
@@ -660,7 +685,8 @@ def _conclude(r: _Round, task: TaskState, attempt: AttemptState) -> None:
         id=derive_id(parent, "classified"),
         at=now,
         actor=ENGINE,
-        causation_id=_cause(attempt),
+        # Without an exit, a start failure or a node loss, the GPU fault is the cause.
+        causation_id=_cause(attempt) or (cls.evidence[0] if cls.evidence else None),
         correlation_id=task_id,
         task_id=task_id,
         attempt=attempt.n,
@@ -1024,6 +1050,8 @@ def commands_for(state: State, event: Event) -> list[Command]:
         if attempt is None or not attempt.stop_requested or attempt.exited is not None:
             return []
         return [_stop(event.id, attempt, event.task_id, f"cancelled: {event.reason}")]
+    if isinstance(event, FaultClassified):
+        return _stop_hung(state, event)
     if isinstance(event, NodeRecovered):
         return [
             _stop(event.id, attempt, task.spec.task_id, "stale: rebuilt while its node was lost")
@@ -1037,7 +1065,34 @@ def commands_for(state: State, event: Event) -> list[Command]:
     return []
 
 
-def _stop(cause: str, attempt: AttemptState, task_id: str, reason: str) -> StopCommand:
+def _stop_hung(state: State, event: FaultClassified) -> list[Command]:
+    """Stop an attempt concluded without an exit because a GPU under it failed.
+
+    The process is still running (or hung) on a quarantined GPU, and the attempt's other
+    GPUs are already released: kill it at once, no grace period. Nothing to do once its
+    exit is known, or where its node is lost (that container is stopped on recovery).
+    """
+    task = state.tasks.get(event.task_id)
+    attempt = None if task is None else task.attempts.get(event.attempt)
+    if (
+        attempt is None
+        or event.fault != "gpu_hardware"
+        or attempt.exited is not None
+        or attempt.start_failed is not None
+        or attempt.node_lost is not None
+    ):
+        return []
+    reason = f"gpu_hardware ({event.rule}) under a running process; its GPUs are given up"
+    return [_stop(event.id, attempt, event.task_id, reason, grace_s=0.0)]
+
+
+def _stop(
+    cause: str,
+    attempt: AttemptState,
+    task_id: str,
+    reason: str,
+    grace_s: float | None = None,
+) -> StopCommand:
     return StopCommand(
         id=derive_id(cause, f"stop/{task_id}/{attempt.n}"),
         node=attempt.node,
@@ -1046,4 +1101,5 @@ def _stop(cause: str, attempt: AttemptState, task_id: str, reason: str) -> StopC
         causation_id=cause,
         reason=reason,
         container_id=attempt.container_id,
+        grace_s=grace_s,
     )

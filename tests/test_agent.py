@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -34,7 +34,7 @@ from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.adapters.nvml_probe import declared_inventory
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import SystemClock
-from gpuwarden.engine.commands import RunCommand
+from gpuwarden.engine.commands import RunCommand, StopCommand
 from gpuwarden.engine.ids import new_id
 from gpuwarden.engine.liveness import Liveness
 from gpuwarden.engine.ports import StoredEvent
@@ -211,6 +211,38 @@ async def test_kill_is_signal_9_without_oom(
         9,
         False,
     )
+
+
+@pytest.mark.docker
+async def test_a_stop_with_no_grace_kills_a_process_that_ignores_sigterm(
+    node: Node, test_image: str
+) -> None:
+    """The engine's stop for a process on a failed GPU carries grace_s=0: SIGKILL at once,
+    where the agent's own default (set to 60 s here) would wait out an ignored SIGTERM."""
+    agent = node.make_agent()
+    agent.stop_timeout_s = 60
+    node.agent = agent
+    node.task = asyncio.create_task(agent.run())
+    with anyio.fail_after(DEADLINE_S):
+        await agent.ready.wait()
+    command = await node.send_run(test_image, ["sh", "-c", "trap '' TERM; sleep 300 & wait"])
+    started = await wait_event(node.log, about(command.task_id, ev.ContainerStarted))
+    assert isinstance(started.event, ev.ContainerStarted)
+    stop = StopCommand(
+        id=new_id(),
+        node=node.name,
+        task_id=command.task_id,
+        attempt=1,
+        causation_id="classified-1",
+        reason="gpu_hardware (xid_hardware) under a running process",
+        container_id=started.event.container_id,
+        grace_s=0.0,
+    )
+    await node.bus.send(stop)
+    exited = await wait_event(node.log, about(command.task_id, ev.ContainerExited), 20)
+    assert isinstance(exited.event, ev.ContainerExited)
+    assert (exited.event.exit_code, exited.event.signal) == (137, 9)
+    assert exited.event.at - started.event.at < timedelta(seconds=30)
 
 
 @pytest.mark.docker

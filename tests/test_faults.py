@@ -604,3 +604,29 @@ def test_a_bare_exit_code_maps_by_the_documented_rules(code: int) -> None:
         assert got.fault == "image_error"
     else:
         assert (got.fault, got.rule) == ("user_error", "exit_nonzero")
+
+
+# --- no exit: a process hung on a GPU that failed under it (rule 4b) -----------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "rule", "nodes"),
+    [
+        (xid(48, id="x48"), "xid_hardware", ()),
+        (xid(79, id="x79"), "xid_node", (NODE,)),
+        (gpu_fault("ecc_dbe"), "ecc_dbe", ()),
+    ],
+)
+def test_a_hardware_fault_without_an_exit_is_gpu_hardware(
+    fault: ev.GpuFault, rule: str, nodes: tuple[str, ...]
+) -> None:
+    got = classify(evidence(None, fault))
+    assert (got.fault, got.rule, got.evidence) == ("gpu_hardware", rule, (fault.id,))
+    assert (got.exclude_gpus, got.quarantine, got.exclude_nodes) == ((GPU0,), (GPU0,), nodes)
+    assert got.exit_code is None
+
+
+def test_without_an_exit_only_hardware_faults_on_its_own_gpus_decide() -> None:
+    assert classify(evidence(None, xid(13))).fault == "unknown"  # the app's: wait for exit
+    assert classify(evidence(None, xid(48, gpu="GPU-other"))).fault == "unknown"
+    assert classify(evidence(None)).rule == "no_evidence"

@@ -174,3 +174,41 @@ async def test_a_heartbeat_only_counts_for_the_node_of_its_subject(
         heard.append(first.result())
     await listening.aclose()
     assert heard == ["a"]
+
+
+async def test_a_restarted_engine_kills_a_hung_process_it_concluded_but_never_stopped(
+    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
+) -> None:
+    """An engine classified an attempt gpu_hardware without an exit (its process hung on
+    a GPU with Xid 48) and died before its dispatcher sent the stop: the next engine
+    sends it at start-up, with no grace period."""
+    await emit(event_log, ev.NodeRegistered, "r1", T0, node="n1", runtime="sim", gpus=(GPU,))
+    await emit(
+        event_log, ev.TaskSubmitted, "s1", T0, task_id="t1", name="t1", image="i", command=("x",)
+    )
+    await emit(event_log, ev.GpuAllocated, "a1", T0, gpu_uuid="n1/0", node="n1", task_id="t1",
+               attempt=1, actor="engine")  # fmt: skip
+    await emit(event_log, ev.TaskScheduled, "d1", T0, task_id="t1", attempt=1, node="n1",
+               gpu_uuids=("n1/0",), actor="engine")  # fmt: skip
+    await emit(event_log, ev.ContainerStarted, "c1", T0, task_id="t1", attempt=1, node="n1",
+               container_id="k")  # fmt: skip
+    later = T0 + timedelta(seconds=5)
+    await emit(event_log, ev.GpuFault, "g1", later, gpu_uuid="n1/0", node="n1", kind="xid",
+               xid=48)  # fmt: skip
+    await emit(event_log, ev.FaultClassified, "f1", later + timedelta(seconds=1), task_id="t1",
+               attempt=1, fault="gpu_hardware", rule="xid_hardware", evidence=("g1",),
+               actor="engine")  # fmt: skip
+    engine = Engine(event_log, command_bus, VirtualClock(later + timedelta(seconds=2)))
+    task = await start(engine)
+    try:
+        await engine.wait_idle(timeout_s=5)
+        with anyio.fail_after(3):
+            async for received in command_bus.receive("n1"):
+                command = received.command
+                await received.ack()
+                break
+    finally:
+        await stop(task)
+    assert isinstance(command, StopCommand)
+    assert (command.task_id, command.attempt, command.container_id) == ("t1", 1, "k")
+    assert (command.grace_s, command.causation_id) == (0.0, "f1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import anyio
@@ -160,3 +161,22 @@ def test_cli_malformed_file_exits_2_naming_file_and_key(
     captured = capsys.readouterr()
     assert f"{bad}: steps[0]: unknown key 'submitt'" in captured.err
     assert "PASS" not in captured.out, "no drill runs when a file is malformed"
+
+
+async def test_a_hung_process_on_a_failed_gpu_is_killed_by_the_engine() -> None:
+    """Drill 29 through the real engine, agent and log: nothing in the drill ends the
+    first container, so its exit can only come from the engine's stop, sent because of
+    the classification (its causation) after the Xid's window closed."""
+    from gpuwarden.engine import events as ev
+
+    path = next(p for p in LIBRARY if p.name.startswith("29-"))
+    result = await run_scenario(load_scenario(path))
+    assert result.passed
+    events = [r.event for r in result.records]
+    [classified] = [e for e in events if isinstance(e, ev.FaultClassified)]
+    [fault] = [e for e in events if isinstance(e, ev.GpuFault)]
+    assert (classified.fault, classified.attempt) == ("gpu_hardware", 1)
+    assert classified.at - fault.at >= timedelta(seconds=1)  # the window, in virtual time
+    [killed] = [e for e in events if isinstance(e, ev.ContainerExited) and e.attempt == 1]
+    assert killed.causation_id == classified.id and killed.signal == 15
+    assert events.index(killed) > events.index(classified)

@@ -198,6 +198,94 @@ def test_xid48_then_exit_quarantines_the_gpu_and_rebuilds_on_another_gpu() -> No
     assert holders(d) == {"a/0": None, "a/1": ("t1", 2)}
 
 
+def test_a_process_hung_on_a_failed_gpu_is_concluded_stopped_and_rebuilt() -> None:
+    """Xid 48 under a running two-GPU task that never exits: when the fault's evidence
+    window closes the attempt is classified gpu_hardware without an exit, its GPUs are
+    released, it is rebuilt away from the bad GPU, and its container is killed at once."""
+    d = Driver()
+    d.node("a", 4)
+    running(d, gpus=2)
+    assert d.attempt("t1").gpu_uuids == ("a/0", "a/1")
+    d.xid("a/1", 48)
+    fault = only(d.of_type(ev.GpuFault))
+    d.advance(0.5)
+    assert d.of_type(ev.FaultClassified) == []  # the window is still open
+    d.advance(0.6)
+    classified = only(d.of_type(ev.FaultClassified, "t1"))
+    assert (classified.fault, classified.rule) == ("gpu_hardware", "xid_hardware")
+    assert classified.evidence == (fault.id,)
+    assert classified.causation_id == fault.id
+    rebuild = only(d.of_type(ev.RebuildDecided, "t1"))
+    assert (rebuild.exclude_gpus, rebuild.exclude_nodes) == (("a/1",), ())
+    assert {e.gpu_uuid for e in d.of_type(ev.GpuReleased, "t1")} == {"a/0", "a/1"}
+    [stop] = commands_for(d.state, classified)
+    assert isinstance(stop, StopCommand)
+    assert (stop.node, stop.task_id, stop.attempt, stop.grace_s) == ("a", "t1", 1, 0.0)
+    assert stop.container_id == "c-t1-1"
+    # The kill's exit changes nothing; the rebuild lands off the bad GPU.
+    before = len(d.log)
+    d.exit("t1", 137)
+    assert len(d.log) == before + 1
+    assert commands_for(d.state, classified) == []  # resent after a restart: not any more
+    d.advance(10)
+    assert "a/1" not in d.attempt("t1").gpu_uuids and d.attempt("t1").n == 2
+
+
+def test_a_process_that_exits_within_the_window_is_classified_by_its_exit() -> None:
+    """The usual case: the process dies of the Xid by itself. Its exit is the evidence
+    (exit code kept for the policy), and no stop is sent."""
+    d = Driver()
+    d.node("a", 2)
+    running(d)
+    d.xid("a/0", 48)
+    d.now += timedelta(seconds=0.9)
+    d.exit("t1", 3)
+    d.advance(5)
+    classified = only(d.of_type(ev.FaultClassified, "t1"))
+    assert (classified.fault, classified.rule) == ("gpu_hardware", "xid_hardware")
+    assert classified.evidence[0] == d.of_type(ev.ContainerExited)[0].id
+    assert commands_for(d.state, classified) == []
+    assert d.state.timers == [] or all(t.kind != "fault" for t in d.state.timers)
+
+
+def test_an_app_class_xid_on_a_running_task_concludes_nothing() -> None:
+    d = Driver()
+    d.node("a", 2)
+    running(d)
+    d.xid("a/0", 13)  # the application's own fault: its exit will tell
+    d.advance(60)
+    assert d.of_type(ev.FaultClassified) == [] and d.attempt("t1").live
+
+
+def test_xid79_under_a_hung_process_rebuilds_on_another_node() -> None:
+    d = Driver()
+    d.node("a", 2)
+    d.node("b", 2)
+    running(d)
+    d.xid("a/0", 79)
+    d.advance(2)
+    classified = only(d.of_type(ev.FaultClassified, "t1"))
+    assert (classified.fault, classified.rule) == ("gpu_hardware", "xid_node")
+    assert only(d.of_type(ev.RebuildDecided, "t1")).exclude_nodes == ("a",)
+    assert len(commands_for(d.state, classified)) == 1
+    d.advance(10)
+    assert d.attempt("t1").node == "b"
+
+
+def test_a_node_lost_under_a_hung_process_is_node_lost() -> None:
+    d = Driver()
+    d.node("a", 2)
+    d.node("b", 2)
+    running(d)
+    d.xid("a/0", 48)
+    d.emit(ev.NodeLost, node="a", last_heartbeat_at=d.now)
+    classified = only(d.of_type(ev.FaultClassified, "t1"))
+    assert classified.fault == "node_lost"
+    assert commands_for(d.state, classified) == []  # its node is gone: stopped on recovery
+    d.advance(5)
+    assert len(d.of_type(ev.FaultClassified, "t1")) == 1
+
+
 def test_xid79_rebuilds_on_another_node() -> None:
     d = Driver()
     d.node("a", 2)
