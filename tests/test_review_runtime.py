@@ -17,7 +17,7 @@ from gpuwarden.adapters.heartbeats import Heartbeat, NatsHeartbeats, heartbeat_s
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
-from gpuwarden.engine.commands import StopCommand
+from gpuwarden.engine.commands import Command, StopCommand
 from gpuwarden.engine.liveness import Liveness
 from gpuwarden.engine.runtime import Engine
 from nats.aio.client import Client as NatsClient
@@ -42,6 +42,32 @@ async def stop(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def running_task(log: JetStreamEventLog) -> None:
+    """Task t1's attempt 1 placed on n1/0 and started in container "k", at T0."""
+    await emit(log, ev.NodeRegistered, "r1", T0, node="n1", runtime="sim", gpus=(GPU,))
+    await emit(log, ev.TaskSubmitted, "s1", T0, task_id="t1", name="t1", image="i", command=("x",))
+    await emit(log, ev.GpuAllocated, "a1", T0, gpu_uuid="n1/0", node="n1", task_id="t1",
+               attempt=1, actor="engine")  # fmt: skip
+    await emit(log, ev.TaskScheduled, "d1", T0, task_id="t1", attempt=1, node="n1",
+               gpu_uuids=("n1/0",), actor="engine")  # fmt: skip
+    await emit(log, ev.ContainerStarted, "c1", T0, task_id="t1", attempt=1, node="n1",
+               container_id="k")  # fmt: skip
+
+
+async def first_command(engine: Engine, bus: JetStreamCommandBus, node: str) -> Command:
+    """Start the engine, let it settle, and take the first command it sent to `node`."""
+    task = await start(engine)
+    try:
+        await engine.wait_idle(timeout_s=5)
+        with anyio.fail_after(3):
+            async for received in bus.receive(node):
+                await received.ack()
+                return received.command
+    finally:
+        await stop(task)
+    raise AssertionError(f"no command for {node}")
 
 
 async def types_on(log: JetStreamEventLog, subject: str) -> list[str]:
@@ -102,55 +128,11 @@ async def test_engine_survives_a_server_away_when_a_node_falls_silent(
 async def test_a_restarted_engine_sends_the_stop_of_a_cancel_it_never_sent(
     event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
 ) -> None:
-    await emit(event_log, ev.NodeRegistered, "r1", T0, node="n1", runtime="sim", gpus=(GPU,))
-    await emit(
-        event_log, ev.TaskSubmitted, "s1", T0, task_id="t1", name="t1", image="i", command=("x",)
-    )
-    await emit(
-        event_log,
-        ev.GpuAllocated,
-        "a1",
-        T0,
-        gpu_uuid="n1/0",
-        node="n1",
-        task_id="t1",
-        attempt=1,
-        actor="engine",
-    )
-    await emit(
-        event_log,
-        ev.TaskScheduled,
-        "d1",
-        T0,
-        task_id="t1",
-        attempt=1,
-        node="n1",
-        gpu_uuids=("n1/0",),
-        actor="engine",
-    )
-    await emit(
-        event_log,
-        ev.ContainerStarted,
-        "c1",
-        T0,
-        task_id="t1",
-        attempt=1,
-        node="n1",
-        container_id="k",
-    )
+    await running_task(event_log)
     # the engine that folded this cancel died before its dispatcher sent the stop
     await emit(event_log, ev.TaskCancelled, "x1", T0, task_id="t1", reason="bye", attempt=1)
     engine = Engine(event_log, command_bus, VirtualClock(T0))
-    task = await start(engine)
-    try:
-        await engine.wait_idle(timeout_s=5)
-        with anyio.fail_after(3):
-            async for received in command_bus.receive("n1"):
-                command = received.command
-                await received.ack()
-                break
-    finally:
-        await stop(task)
+    command = await first_command(engine, command_bus, "n1")
     assert isinstance(command, StopCommand)
     assert (command.task_id, command.attempt, command.container_id) == ("t1", 1, "k")
     assert engine.state.gpus["n1/0"].holder is None
@@ -182,16 +164,7 @@ async def test_a_restarted_engine_kills_a_hung_process_it_concluded_but_never_st
     """An engine classified an attempt gpu_hardware without an exit (its process hung on
     a GPU with Xid 48) and died before its dispatcher sent the stop: the next engine
     sends it at start-up, with no grace period."""
-    await emit(event_log, ev.NodeRegistered, "r1", T0, node="n1", runtime="sim", gpus=(GPU,))
-    await emit(
-        event_log, ev.TaskSubmitted, "s1", T0, task_id="t1", name="t1", image="i", command=("x",)
-    )
-    await emit(event_log, ev.GpuAllocated, "a1", T0, gpu_uuid="n1/0", node="n1", task_id="t1",
-               attempt=1, actor="engine")  # fmt: skip
-    await emit(event_log, ev.TaskScheduled, "d1", T0, task_id="t1", attempt=1, node="n1",
-               gpu_uuids=("n1/0",), actor="engine")  # fmt: skip
-    await emit(event_log, ev.ContainerStarted, "c1", T0, task_id="t1", attempt=1, node="n1",
-               container_id="k")  # fmt: skip
+    await running_task(event_log)
     later = T0 + timedelta(seconds=5)
     await emit(event_log, ev.GpuFault, "g1", later, gpu_uuid="n1/0", node="n1", kind="xid",
                xid=48)  # fmt: skip
@@ -199,16 +172,7 @@ async def test_a_restarted_engine_kills_a_hung_process_it_concluded_but_never_st
                attempt=1, fault="gpu_hardware", rule="xid_hardware", evidence=("g1",),
                actor="engine")  # fmt: skip
     engine = Engine(event_log, command_bus, VirtualClock(later + timedelta(seconds=2)))
-    task = await start(engine)
-    try:
-        await engine.wait_idle(timeout_s=5)
-        with anyio.fail_after(3):
-            async for received in command_bus.receive("n1"):
-                command = received.command
-                await received.ack()
-                break
-    finally:
-        await stop(task)
+    command = await first_command(engine, command_bus, "n1")
     assert isinstance(command, StopCommand)
     assert (command.task_id, command.attempt, command.container_id) == ("t1", 1, "k")
     assert (command.grace_s, command.causation_id) == (0.0, "f1")
