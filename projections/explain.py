@@ -60,6 +60,9 @@ class AttemptStory(msgspec.Struct, kw_only=True):
     signal: int | None = None
     oom_killed: bool = False
     error: str | None = None
+    # The exit came after the attempt was already concluded (a hung process on a failed
+    # GPU, a stale container on a node that came back): gpuwarden stopped it.
+    stopped_after_conclusion: bool = False
     fault: str | None = None
     rule: str | None = None
     evidence: list[Link] = msgspec.field(default_factory=list)
@@ -218,6 +221,7 @@ class _Builder:
         story.container_id = e.container_id
         story.exit_code, story.signal, story.oom_killed = e.exit_code, e.signal, e.oom_killed
         story.error = e.error or None
+        story.stopped_after_conclusion = story.fault is not None
 
     def _classified(self, e: ev.FaultClassified) -> None:
         story = self.story(e.attempt)
@@ -345,6 +349,8 @@ def _end_line(story: AttemptStory) -> str:
                 how += ", killed for running out of memory (OOM)"
             if story.error:
                 how += f", error: {story.error}"
+            if story.stopped_after_conclusion:
+                how += " (stopped by gpuwarden after it was classified)"
             return f"ended{when}: {how}"
         case "start_failed":
             return f"never started{when}: {story.error}"

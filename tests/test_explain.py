@@ -255,3 +255,22 @@ def test_missing_evidence_is_named() -> None:
     x = explain_events(b.stored, "t")
     assert x.attempts[0].missing_evidence == ["ghost"]
     assert "evidence ghost: not in the log" in render_text(x)
+
+
+async def test_a_hung_process_is_concluded_before_its_exit_and_stopped(
+    explainer: Explainer,
+) -> None:
+    """Rule 4b: the Xid decides without an exit; the exit that follows is gpuwarden's
+    kill, and the story says so instead of presenting it as what ended the attempt."""
+    b = LogBuilder()
+    started(b)
+    xid = b.add(ev.GpuFault, gpu_uuid="G1", node="n1", kind="xid", xid=48)
+    cls = classified(b, "gpu_hardware", "xid_hardware", xid)
+    rebuilt(b, cls, "gpu_hardware", exclude_gpus=("G1",))
+    exited(b, exit_code=137, signal=9)
+    x = await explainer(b.stored, "t")
+    [a] = x.attempts
+    assert [e.type for e in a.evidence] == ["gpu.fault"]
+    assert a.stopped_after_conclusion and a.exit_code == 137
+    assert "stopped by gpuwarden after it was classified" in render_text(x)
+    assert '"stopped_after_conclusion":true' in to_json(x)
