@@ -44,6 +44,7 @@ log = logging.getLogger("gpuwarden.sim")
 DEFAULT_MODEL = "sim"
 DEFAULT_MEMORY_MB = 81920
 SIGTERM_EXIT = 128 + 15
+SIGKILL_EXIT = 128 + 9
 RUNTIME_ERROR_EXIT = 128  # Docker's code when the runtime, not the process, failed
 
 
@@ -254,7 +255,9 @@ class SimRuntime:
         container = self.containers.get((command.task_id, command.attempt))
         if container is None or not container.running or container.node != node.name:
             return []  # already gone: nothing to report
-        return [self.exited(container, exit_code=SIGTERM_EXIT, causation_id=command.causation_id)]
+        # Docker's stop: SIGTERM, or SIGKILL at once with no grace period (exit 128 + 9).
+        code = SIGKILL_EXIT if command.grace_s == 0 else SIGTERM_EXIT
+        return [self.exited(container, exit_code=code, causation_id=command.causation_id)]
 
     # --- faults on cue ---------------------------------------------------------------
 

@@ -32,8 +32,8 @@ class StopCommand(_Command, frozen=True, tag="stop"):
     reason: str = ""
     container_id: str | None = None
     # Seconds between SIGTERM and SIGKILL; None: the agent's own default. 0 for a process
-    # on a GPU that failed under it (it will not shut down cleanly, and its GPUs are
-    # already given to others).
+    # on a GPU that failed under it (it will not shut down cleanly, and its task waits
+    # on that exit to give its GPUs back).
     grace_s: float | None = None
 
 

@@ -23,7 +23,7 @@ Precedence, first match wins (the `rule` names are stable; they go into the log)
 4. the node was lost and there is no exit, or the exit came after the loss:
    `node_lost` (`node_lost`); the node is excluded.
 4b. no exit, the node not lost, and a hardware-class GPU fault on the attempt's GPUs
-   (while it held them): `gpu_hardware` under the same rule names as 3. The caller
+   (recorded while it held them): `gpu_hardware` under the same rule names as 3. The caller
    asks only once the fault's evidence window has passed without an exit (a process
    hung on a broken GPU never exits by itself); the engine then stops the container.
 5. the OOM flag: `container_oom` (`oom_flag`).

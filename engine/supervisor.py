@@ -197,13 +197,42 @@ def _timer_valid(state: State, timer: Timer) -> bool:
         return attempt is not None and attempt.classified is None and not attempt.stop_requested
     if timer.kind == "fault":  # still running on a GPU that failed under it
         found = _current_open(state, timer.task_id, timer.attempt)
-        return found is not None and found[1].live
+        return found is not None and found[1].live and _hung_on(state, found[1]) is not None
     rebuild = task.rebuild
     return (
         task.status == "waiting"
         and rebuild is not None
         and rebuild.attempt == timer.attempt
         and task.pending_reason is None
+    )
+
+
+def _hung_on(state: State, attempt: AttemptState) -> GpuFault | None:
+    """A hardware-class fault still on record for one of the attempt's GPUs (a restore
+    clears a GPU's faults: the attempt then runs on)."""
+    for uuid in attempt.gpu_uuids:
+        gpu = state.gpus.get(uuid)
+        if gpu is not None:
+            for fault in gpu.faults:
+                if _is_hardware(fault, state.table):
+                    return fault
+    return None
+
+
+def awaits_kill(state: State, attempt: AttemptState) -> bool:
+    """Concluded on a GPU fault while its process still runs there: its GPUs are given
+    back when its exit (gpuwarden's kill) is recorded, or its node is lost."""
+    classified = attempt.classified
+    node = state.nodes.get(attempt.node)
+    return (
+        classified is not None
+        and classified.fault == "gpu_hardware"
+        and attempt.started
+        and attempt.exited is None
+        and attempt.start_failed is None
+        and attempt.node_lost is None
+        and node is not None
+        and node.alive
     )
 
 
@@ -315,21 +344,30 @@ def _on_gpu_fault(state: State, e: GpuFault) -> None:
         return
     gpu.faults.append(e)
     if len(gpu.faults) > GPU_FAULT_MEMORY:
-        del gpu.faults[0]
-    holder = gpu.holder
-    if holder is not None and gpu_fault_class(e, state.table) in ("gpu_hardware", "gpu_node"):
-        # A process hung on a broken GPU may never exit: if it has not when the fault's
-        # evidence window closes, the attempt is concluded without an exit.
-        due = e.at + timedelta(seconds=state.table.window_s)
-        heapq.heappush(state.timers, Timer(due, "fault", *holder))
+        # Forget the oldest fault, but a hardware-class one only when nothing else is
+        # left: a storm of Xid 45s must not erase the Xid 48 it follows.
+        hardware = [_is_hardware(f, state.table) for f in gpu.faults]
+        del gpu.faults[hardware.index(False) if False in hardware else 0]
+
+
+def _is_hardware(fault: GpuFault, table: FaultTable) -> bool:
+    return gpu_fault_class(fault, table) in ("gpu_hardware", "gpu_node")
 
 
 def _on_gpu_quarantined(state: State, e: GpuQuarantined) -> None:
     gpu = state.gpus.get(e.gpu_uuid)
-    if gpu is not None:
-        was = _is_free(gpu)
-        gpu.quarantined = True
-        _refree(state, gpu, was)
+    if gpu is None:
+        return
+    was = _is_free(gpu)
+    gpu.quarantined = True
+    _refree(state, gpu, was)
+    holder = gpu.holder
+    if holder is not None and _current_open(state, *holder) is not None:
+        # A process hung on a broken GPU may never exit: if it has not when the evidence
+        # window closes, the attempt is concluded without an exit. The window runs from
+        # the engine's own quarantine, not from the agent's clock.
+        due = e.at + timedelta(seconds=state.table.window_s)
+        heapq.heappush(state.timers, Timer(due, "fault", *holder))
 
 
 def _on_gpu_restored(state: State, e: GpuRestored) -> None:
@@ -509,8 +547,9 @@ _EVOLVE: dict[type[Any], Callable[[State, Any], None]] = {
 }
 
 # Events after which the earliest timer may be stale: it is dropped at once, so that a
-# due timer always calls for a decision (the engine and replay never spin on it). An
-# exit or start failure ends an attempt's "fault" timer.
+# due timer always calls for a decision (the engine and replay never spin on it). Every
+# event that can end a timer's validity must be here: an exit, a start failure, a
+# release, a restore or a newer fault (it may push an older one out) end a "fault" timer.
 _SETTLES_TIMERS = frozenset(
     {
         FaultClassified,
@@ -521,6 +560,10 @@ _SETTLES_TIMERS = frozenset(
         TaskCancelled,
         ContainerExited,
         ContainerStartFailed,
+        GpuFault,
+        GpuQuarantined,
+        GpuReleased,
+        GpuRestored,
     }
 )
 
@@ -608,8 +651,10 @@ def reconcile(state: State, now: datetime) -> list[Event]:
                     _react_gpu_fault(r, fault)
                     break
     for task in state.tasks.values():
-        if task.status in TERMINAL:
-            for attempt in task.attempts.values():
+        for attempt in task.attempts.values():
+            # Ended tasks give everything back; a concluded attempt whose kill's exit (or
+            # its node's loss) was logged while no engine ran gives its GPUs back too.
+            if task.status in TERMINAL or attempt.classified is not None:
                 _release(r, task.spec.task_id, attempt, _about(attempt))
     if state.timers and state.timers[0].due <= now:
         _due_timers(r)
@@ -702,7 +747,15 @@ def _conclude(r: _Round, task: TaskState, attempt: AttemptState) -> None:
         else judge(state.policy, cls.fault, cls.exit_code, task.counted_rebuilds, now)
     )
     r.events.append(_verdict_event(r, task, attempt, cls, verdict, classified.id))
-    _release(r, task_id, attempt, classified.id)
+    hung = (
+        cls.fault == "gpu_hardware"
+        and attempt.started
+        and attempt.exited is None
+        and attempt.start_failed is None
+        and attempt.node_lost is None
+    )
+    if not hung:  # a hung process keeps its GPUs until its kill is seen (awaits_kill)
+        _release(r, task_id, attempt, classified.id)
 
 
 def _verdict_event(
@@ -767,6 +820,8 @@ def _quarantine(r: _Round, cls: Classification, cause: str, task_id: str | None)
 
 
 def _release(r: _Round, task_id: str, attempt: AttemptState, cause: str) -> None:
+    if awaits_kill(r.state, attempt):
+        return
     for uuid in attempt.gpu_uuids:
         gpu = r.state.gpus.get(uuid)
         if gpu is None or gpu.holder != (task_id, attempt.n) or uuid in r.released:
@@ -799,6 +854,11 @@ def _current_open(state: State, task_id: str, n: int) -> tuple[TaskState, Attemp
 
 
 def _react_exited(r: _Round, e: ContainerExited) -> None:
+    task = r.state.tasks.get(e.task_id)
+    attempt = None if task is None else task.attempts.get(e.attempt)
+    if attempt is not None and attempt.classified is not None:
+        _release(r, e.task_id, attempt, e.id)  # concluded before it died: its GPUs now
+        return
     if e.exit_code != 0:
         return  # classified when its evidence window closes (a timer)
     found = _current_open(r.state, e.task_id, e.attempt)
@@ -807,6 +867,11 @@ def _react_exited(r: _Round, e: ContainerExited) -> None:
 
 
 def _react_start_failed(r: _Round, e: ContainerStartFailed) -> None:
+    task = r.state.tasks.get(e.task_id)
+    attempt = None if task is None else task.attempts.get(e.attempt)
+    if attempt is not None and attempt.classified is not None:
+        _release(r, e.task_id, attempt, e.id)  # as for an exit: the container is gone
+        return
     found = _current_open(r.state, e.task_id, e.attempt)
     if found is not None:
         _conclude(r, *found)
@@ -816,6 +881,12 @@ def _react_node_lost(r: _Round, e: NodeLost) -> None:
     node = r.state.nodes.get(e.node)
     if node is None:
         return
+    for uuid in node.gpus:  # a concluded process its node took with it: no kill to wait for
+        holder = r.state.gpus[uuid].holder if uuid in r.state.gpus else None
+        if holder is not None:
+            held = _attempt(r.state, *holder)
+            if held is not None and held.classified is not None:
+                _release(r, holder[0], held, e.id)
     for task, attempt in _attempts_on(r.state, node):
         if attempt.node_lost != e:
             continue  # by value: a replay decodes the trigger apart from the folded copy
@@ -1068,9 +1139,9 @@ def commands_for(state: State, event: Event) -> list[Command]:
 def _stop_hung(state: State, event: FaultClassified) -> list[Command]:
     """Stop an attempt concluded without an exit because a GPU under it failed.
 
-    The process is still running (or hung) on a quarantined GPU, and the attempt's other
-    GPUs are already released: kill it at once, no grace period. Nothing to do once its
-    exit is known, or where its node is lost (that container is stopped on recovery).
+    The process is still running (or hung) on a quarantined GPU: kill it at once, no
+    grace period; its GPUs are released when that exit is logged (`awaits_kill`).
+    Nothing to do once its exit is known, or where its node is lost.
     """
     task = state.tasks.get(event.task_id)
     attempt = None if task is None else task.attempts.get(event.attempt)
@@ -1082,7 +1153,7 @@ def _stop_hung(state: State, event: FaultClassified) -> list[Command]:
         or attempt.node_lost is not None
     ):
         return []
-    reason = f"gpu_hardware ({event.rule}) under a running process; its GPUs are given up"
+    reason = f"gpu_hardware ({event.rule}) under a running process: killed to be rebuilt"
     return [_stop(event.id, attempt, event.task_id, reason, grace_s=0.0)]
 
 

@@ -113,6 +113,18 @@ class Driver:
             **fields,
         )
 
+    def exit_attempt(self, task: str, n: int, code: int) -> ev.Event:
+        """An exit of a given (maybe no longer current) attempt."""
+        a = self.state.tasks[task].attempts[n]
+        return self.emit(
+            ev.ContainerExited,
+            task_id=task,
+            attempt=n,
+            node=a.node,
+            container_id=f"c-{task}-{n}",
+            exit_code=code,
+        )
+
     def xid(self, gpu: str, code: int) -> None:
         node = self.state.gpus[gpu].node
         self.emit(ev.GpuFault, gpu_uuid=gpu, node=node, kind="xid", xid=code)

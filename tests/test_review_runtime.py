@@ -176,3 +176,24 @@ async def test_a_restarted_engine_kills_a_hung_process_it_concluded_but_never_st
     assert isinstance(command, StopCommand)
     assert (command.task_id, command.attempt, command.container_id) == ("t1", 1, "k")
     assert (command.grace_s, command.causation_id) == (0.0, "f1")
+
+
+async def test_a_restarted_engine_settles_after_a_cancel_and_an_xid_it_did_not_see(
+    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
+) -> None:
+    """Review finding: while no engine ran, the owner cancelled t1 and its GPU reported
+    Xid 48. The restarted engine quarantines and releases; no timer may be left due
+    that decides nothing, or the engine spins (it did, at ~6,400 rounds/s)."""
+    await running_task(event_log)
+    await emit(event_log, ev.TaskCancelled, "x1", T0, task_id="t1", reason="bye")
+    await emit(event_log, ev.GpuFault, "g1", T0, gpu_uuid="n1/0", node="n1", kind="xid", xid=48)
+    engine = Engine(event_log, command_bus, VirtualClock(T0 + timedelta(seconds=5)))
+    task = await start(engine)
+    try:
+        await engine.wait_idle(timeout_s=5)
+        due = engine.due()
+        assert due is None or due > engine.clock.now(), f"a timer is due and idle: {due}"
+        assert engine.state.gpus["n1/0"].quarantined
+        assert engine.state.gpus["n1/0"].holder is None
+    finally:
+        await stop(task)

@@ -199,9 +199,10 @@ def test_xid48_then_exit_quarantines_the_gpu_and_rebuilds_on_another_gpu() -> No
 
 
 def test_a_process_hung_on_a_failed_gpu_is_concluded_stopped_and_rebuilt() -> None:
-    """Xid 48 under a running two-GPU task that never exits: when the fault's evidence
-    window closes the attempt is classified gpu_hardware without an exit, its GPUs are
-    released, it is rebuilt away from the bad GPU, and its container is killed at once."""
+    """Xid 48 under a running two-GPU task that never exits: when the evidence window
+    (from the quarantine) closes the attempt is classified gpu_hardware without an exit
+    and rebuilt away from the bad GPU; its container is killed at once, and its GPUs are
+    given back only when that kill's exit is logged (no other task runs next to it)."""
     d = Driver()
     d.node("a", 4)
     running(d, gpus=2)
@@ -217,18 +218,80 @@ def test_a_process_hung_on_a_failed_gpu_is_concluded_stopped_and_rebuilt() -> No
     assert classified.causation_id == fault.id
     rebuild = only(d.of_type(ev.RebuildDecided, "t1"))
     assert (rebuild.exclude_gpus, rebuild.exclude_nodes) == (("a/1",), ())
-    assert {e.gpu_uuid for e in d.of_type(ev.GpuReleased, "t1")} == {"a/0", "a/1"}
+    assert d.of_type(ev.GpuReleased, "t1") == []  # still in use by the hung process
     [stop] = commands_for(d.state, classified)
     assert isinstance(stop, StopCommand)
     assert (stop.node, stop.task_id, stop.attempt, stop.grace_s) == ("a", "t1", 1, 0.0)
     assert stop.container_id == "c-t1-1"
-    # The kill's exit changes nothing; the rebuild lands off the bad GPU.
-    before = len(d.log)
-    d.exit("t1", 137)
-    assert len(d.log) == before + 1
+    d.advance(10)  # the backoff: attempt 2 goes to the two GPUs nobody holds
+    assert d.attempt("t1").gpu_uuids == ("a/2", "a/3")
+    d.submit("t2", gpus=1)  # a/0 is healthy but still under the hung process: t2 waits
+    assert d.state.tasks["t2"].current is None
+    kill = d.exit_attempt("t1", 1, 137)
+    released = d.of_type(ev.GpuReleased, "t1")
+    assert {e.gpu_uuid for e in released} == {"a/0", "a/1"}
+    assert {e.causation_id for e in released} == {kill.id}
     assert commands_for(d.state, classified) == []  # resent after a restart: not any more
-    d.advance(10)
-    assert "a/1" not in d.attempt("t1").gpu_uuids and d.attempt("t1").n == 2
+    assert d.attempt("t2").gpu_uuids == ("a/0",)  # a/1 stays quarantined
+
+
+def test_a_restore_within_the_window_lets_the_process_run_on() -> None:
+    """Review finding: the timer used to conclude anyway, with nothing on record, as
+    `unknown`, failing the task and leaving its process running."""
+    d = Driver()
+    d.node("a", 2)
+    running(d)
+    d.xid("a/0", 48)
+    d.now += timedelta(seconds=0.5)
+    d.emit(ev.GpuRestored, gpu_uuid="a/0", node="a", reason="reset")
+    d.advance(60)
+    assert d.of_type(ev.FaultClassified) == [] and d.attempt("t1").live
+    assert d.state.timers == []
+
+
+def test_a_storm_of_xid45s_does_not_erase_the_xid48_it_follows() -> None:
+    d = Driver()
+    d.node("a", 2)
+    running(d)
+    d.xid("a/0", 48)
+    for _ in range(40):
+        d.xid("a/0", 45)
+    d.advance(2)
+    classified = only(d.of_type(ev.FaultClassified, "t1"))
+    assert (classified.fault, classified.rule) == ("gpu_hardware", "xid_hardware")
+
+
+@pytest.mark.parametrize("skew_s", [-2.0, -30.0, 3600.0])
+def test_the_window_runs_on_the_engines_clock_not_the_agents(skew_s: float) -> None:
+    """An Xid stamped by an agent whose clock is off: the window starts at the engine's
+    quarantine, so the attempt is neither killed at once nor left for an hour."""
+    d = Driver()
+    d.node("a", 2)
+    running(d)
+    d.now += timedelta(seconds=10)
+    d.append(ev.GpuFault(id="late", at=d.now + timedelta(seconds=skew_s), actor="agent:a",
+                         gpu_uuid="a/0", node="a", kind="xid", xid=48))  # fmt: skip
+    assert d.of_type(ev.FaultClassified) == []
+    d.advance(0.9)
+    assert d.of_type(ev.FaultClassified) == []
+    d.advance(0.2)
+    assert only(d.of_type(ev.FaultClassified, "t1")).fault == "gpu_hardware"
+
+
+def test_a_hung_attempts_gpus_come_back_with_a_start_failure_or_a_node_loss() -> None:
+    for ending in ("start_failed", "node_lost"):
+        d = Driver()
+        d.node("a", 1)
+        running(d)
+        d.xid("a/0", 48)
+        d.advance(2)
+        assert d.state.gpus["a/0"].holder == ("t1", 1), ending
+        if ending == "start_failed":
+            d.emit(ev.ContainerStartFailed, task_id="t1", attempt=1, node="a", error="gone")
+        else:
+            d.emit(ev.NodeLost, node="a", last_heartbeat_at=d.now)
+        assert d.state.gpus["a/0"].holder is None, ending
+        assert len(d.of_type(ev.FaultClassified, "t1")) == 1, ending
 
 
 def test_a_process_that_exits_within_the_window_is_classified_by_its_exit() -> None:

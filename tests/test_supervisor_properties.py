@@ -3,7 +3,8 @@
 Random clusters, submissions, exits, Xids, node losses, cancellations and time go
 through the in-memory driver; whatever the order, the log must replay to the same
 decisions, never hand one GPU to two live attempts, never exceed the rebuild budget
-and never leave a finished attempt holding GPUs.
+and never leave a finished attempt holding GPUs (but for a process hung on a failed GPU,
+until its kill is logged).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gpuwarden.engine.policy import DEFAULT_POLICY, Policy, Rule
 from gpuwarden.engine.supervisor import (
     TERMINAL,
     State,
+    awaits_kill,
     decide,
     evolve,
     initial_state,
@@ -72,6 +74,9 @@ step = st.one_of(
     st.tuples(st.just("xid"), index, st.sampled_from(XIDS)),
     st.tuples(st.just("task_xid"), index, st.sampled_from(XIDS)),
     st.tuples(st.just("xid_at_due"), index, st.sampled_from(XIDS)),
+    # an agent whose clock is behind (or that reports late): the Xid is stamped earlier
+    st.tuples(st.just("late_xid"), index, st.sampled_from(XIDS), st.sampled_from([0.6, 2.0, 30.0])),
+    st.tuples(st.just("xid_storm"), index),  # Xid 45s enough to overflow a GPU's memory
     st.tuples(st.just("node_down"), index),
     st.tuples(st.just("node_up"), index),
     st.tuples(st.just("restore"), index),
@@ -129,6 +134,16 @@ def play(d: Driver, action: tuple[Any, ...]) -> None:
         advance(d, action[1])
     elif kind == "stranger":
         stranger(d, action[1])
+    elif kind == "late_xid":
+        gpu = pick(gpus, action[1])
+        node = d.state.gpus[gpu].node
+        at = d.now - timedelta(seconds=action[3])
+        d.append(ev.GpuFault(id=d._id(), at=at, actor=f"agent:{node}", gpu_uuid=gpu, node=node,
+                             kind="xid", xid=action[2]))  # fmt: skip
+    elif kind == "xid_storm":
+        gpu = pick(gpus, action[1])
+        for _ in range(20):
+            d.xid(gpu, 45)
     elif kind in ("xid", "xid_at_due", "restore", "node_down", "node_up"):
         gpu = pick(gpus, action[1])
         node = pick(nodes, action[1])
@@ -229,6 +244,8 @@ def check_no_finished_attempt_holds_gpus(state: State) -> None:
         task = state.tasks[task_id]
         attempt = task.attempts[n]
         assert uuid in attempt.gpu_uuids
+        if awaits_kill(state, attempt):
+            continue  # a hung process on a failed GPU: released when its kill is logged
         assert task.status not in TERMINAL, f"{uuid} held by {task_id}/{n} ({task.status})"
         assert attempt.classified is None, f"{uuid} held by {task_id}/{n}, already classified"
 
