@@ -543,7 +543,9 @@ class ProjectionStore:
         With `raw`, the events index goes as the stored events themselves (sequence,
         subject, headers, bytes, and the time as text) under RAW_EVENTS, for the writer
         process to decode and index on its own core; only an event without its bytes
-        gets its row built here.
+        gets its row built here. That relies on `event` being the decoding of `data`,
+        as it is for everything read from JetStream (`stored_event`); a log that pairs
+        bytes with some other event must not be rebuilt this way.
         """
         fresh: list[StoredEvent] = []
         last = self._planned
