@@ -256,8 +256,8 @@ def _refree(state: State, gpu: GpuState, was_free: bool) -> None:
     if now_free == was_free:
         return
     node = state.nodes.get(gpu.node)
-    if node is None:
-        return
+    if node is None or gpu.uuid not in node.gpus:
+        return  # a GPU its node no longer lists (re-registered without it) counts nowhere
     _set_free(state, node, node.free + (1 if now_free else -1))
 
 

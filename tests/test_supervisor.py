@@ -912,3 +912,15 @@ def test_a_task_rebuilt_after_node_loss_may_return_to_the_node_once_it_recovered
     d.advance(1)
     assert d.state.tasks["t1"].status == "running"
     assert d.attempt("t1").n == 2 and d.attempt("t1").node == lost
+
+
+def test_a_gpu_its_node_stopped_listing_does_not_count_as_free_when_released() -> None:
+    """Review finding: node a re-registers without a/0 while t1 holds it; t1's release
+    of a/0 used to add one to a's free count (a GPU a no longer has)."""
+    d = Driver()
+    d.node("a", 2)
+    running(d)
+    only_a1 = (ev.GpuInfo(uuid="a/1", index=1, model="H100", memory_mb=81920),)
+    d.emit(ev.NodeRegistered, node="a", runtime="sim", gpus=only_a1)
+    d.exit("t1", 0)  # the driver recounts every index after each fold
+    assert d.state.nodes["a"].free == 1 and d.state.free_ranked == [(1, "a")]
