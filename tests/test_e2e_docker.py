@@ -198,3 +198,31 @@ async def test_lost_node_is_rebuilt_elsewhere_and_its_stale_container_stopped(
     assert stale.event.container_id == first.container_id
     assert not cluster.running(first.container_id)
     assert cluster.running(second.container_id)
+
+
+async def test_a_process_hung_on_a_failed_gpu_is_killed_and_rebuilt_elsewhere(
+    cluster: Cluster,
+) -> None:
+    """Xid 48 on the GPU under a process that ignores SIGTERM and never exits by itself:
+    the engine concludes gpu_hardware when the window closes, the agent kills it with no
+    grace period, its GPU comes back only with that exit, and the task runs on."""
+    names = [cluster.janitor.node, f"{cluster.janitor.node}-b"]
+    await cluster.start(names)
+    task_id = await cluster.submit(["sh", "-c", "trap '' TERM; sleep 300 & wait"])
+    first = await cluster.started(task_id, 1)
+    scheduled = await wait_event(cluster.log, attempt_is(task_id, 1, ev.TaskScheduled))
+    assert isinstance(scheduled.event, ev.TaskScheduled)
+    [gpu] = scheduled.event.gpu_uuids
+    xid = ev.GpuFault(id=new_id(), at=datetime.now(UTC), actor=f"agent:{first.node}",
+                      gpu_uuid=gpu, node=first.node, kind="xid", xid=48)  # fmt: skip
+    await cluster.log.append(ev.subject_of(xid), [xid])
+
+    assert await cluster.verdict(task_id, 1) == "gpu_hardware"
+    killed = await wait_event(cluster.log, attempt_is(task_id, 1, ev.ContainerExited))
+    assert isinstance(killed.event, ev.ContainerExited)
+    assert (killed.event.exit_code, killed.event.signal) == (137, 9)
+    released = await wait_event(cluster.log, attempt_is(task_id, 1, ev.GpuReleased))
+    assert released.seq > killed.seq, "the hung attempt's GPU comes back with its exit"
+    second = await cluster.started(task_id, 2)
+    assert second.node != first.node  # its node's only GPU is quarantined
+    assert not cluster.running(first.container_id) and cluster.running(second.container_id)
