@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import anyio
 import anyio.abc
@@ -377,6 +377,8 @@ class Engine:
                         record = receive.receive_nowait()
                     except anyio.WouldBlock:
                         break
+                    except anyio.EndOfStream:
+                        await _subscription_ended()
                     await self._fold(record)
                 self._kick_dispatcher()
                 self._signal_progress()
@@ -399,6 +401,8 @@ class Engine:
             return receive.receive_nowait()
         except anyio.WouldBlock:
             pass
+        except anyio.EndOfStream:
+            await _subscription_ended()
         if self.awaiting <= self.folded and (self.triggers or self.reconcile_due):
             return None
         due = None if self.awaiting > self.folded else self.due()
@@ -421,7 +425,10 @@ class Engine:
 
             async def reader() -> None:
                 nonlocal result
-                result = await receive.receive()
+                try:
+                    result = await receive.receive()
+                except anyio.EndOfStream:
+                    await _subscription_ended()
                 tg.cancel_scope.cancel()
 
             tg.start_soon(timer)
@@ -459,6 +466,13 @@ class Engine:
                 if not busy:
                     return
                 await self.progress.wait()
+
+
+async def _subscription_ended() -> NoReturn:
+    """The pump's end of the stream closed: on shutdown (the engine is being cancelled,
+    which this checkpoint delivers) or because the log subscription itself ended."""
+    await anyio.lowlevel.checkpoint()
+    raise EventLogError("the event log subscription ended; the engine cannot go on")
 
 
 def _parts(decisions: Sequence[Event]) -> list[list[Event]]:

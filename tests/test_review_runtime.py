@@ -12,12 +12,14 @@ from typing import Any
 
 import anyio
 import msgspec
+import pytest
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.heartbeats import Heartbeat, NatsHeartbeats, heartbeat_subject
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
 from gpuwarden.engine.commands import Command, StopCommand
+from gpuwarden.engine.errors import EventLogError
 from gpuwarden.engine.liveness import Liveness
 from gpuwarden.engine.runtime import Engine
 from nats.aio.client import Client as NatsClient
@@ -197,3 +199,24 @@ async def test_a_restarted_engine_settles_after_a_cancel_and_an_xid_it_did_not_s
         assert engine.state.gpus["n1/0"].holder is None
     finally:
         await stop(task)
+
+
+async def test_an_engine_whose_log_subscription_ends_says_so(
+    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
+) -> None:
+    """The live subscription ending is an error that names itself, not a bare
+    anyio.EndOfStream out of the engine's loop (seen at shutdown in bench_intake)."""
+
+    class EndingLog(JetStreamEventLog):
+        async def subscribe(  # type: ignore[override]
+            self, from_seq: int = 1, subject: str | None = None
+        ) -> Any:
+            return
+            yield  # an async generator that ends at once
+
+    await running_task(event_log)
+    engine = Engine(EndingLog(event_log.nc), command_bus, VirtualClock(T0))
+    with anyio.fail_after(10):
+        with pytest.raises(BaseExceptionGroup) as caught:
+            await engine.run()
+    assert caught.group_contains(EventLogError, match="subscription ended")
