@@ -119,9 +119,10 @@ class Engine:
         self._outbox_ready = anyio.Event()
         self._news = anyio.Event()  # something outside the log changed (a heartbeat)
         self.backoff_s = 0.0  # after a failed append, before the next round
-        # Folded in catch-up: the last cancel per task, recovery per node, and attempts
-        # concluded on a GPU fault without an exit; their stops are resent at start_live
-        # (an engine may have died before its dispatcher sent them).
+        # Folded in catch-up: the last cancel per task, recovery per node, and every
+        # conclusion; the stops they still call for (commands_for judges that on the
+        # caught-up state) are resent at start_live: an engine may have died before its
+        # dispatcher sent them.
         self._stop_causes: dict[str, Event] = {}
         if liveness is not None:
             liveness.on_news = self.wake
@@ -158,8 +159,8 @@ class Engine:
             self.outbox.extend(commands_for(self.state, event))
         elif isinstance(event, TaskCancelled | NodeRecovered):
             self._stop_causes[record.subject] = event
-        elif isinstance(event, FaultClassified) and event.fault == "gpu_hardware":
-            self._stop_causes[f"{record.subject}#{event.attempt}"] = event  # a hung process
+        elif isinstance(event, FaultClassified):
+            self._stop_causes[f"{record.subject}#{event.attempt}"] = event  # may still run
         if self.liveness is not None and isinstance(event, NodeLost | NodeRecovered):
             self.liveness.settled(event.node, lost=isinstance(event, NodeLost))
 

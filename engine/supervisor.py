@@ -881,12 +881,12 @@ def _react_node_lost(r: _Round, e: NodeLost) -> None:
     node = r.state.nodes.get(e.node)
     if node is None:
         return
-    for uuid in node.gpus:  # a concluded process its node took with it: no kill to wait for
-        holder = r.state.gpus[uuid].holder if uuid in r.state.gpus else None
+    for gpu in r.state.gpus.values():  # a concluded process the node took with it
+        holder = gpu.holder
         if holder is not None:
             held = _attempt(r.state, *holder)
-            if held is not None and held.classified is not None:
-                _release(r, holder[0], held, e.id)
+            if held is not None and held.node == e.node and held.classified is not None:
+                _release(r, holder[0], held, e.id)  # no kill to wait for any more
     for task, attempt in _attempts_on(r.state, node):
         if attempt.node_lost != e:
             continue  # by value: a replay decodes the trigger apart from the folded copy
@@ -1122,39 +1122,45 @@ def commands_for(state: State, event: Event) -> list[Command]:
             return []
         return [_stop(event.id, attempt, event.task_id, f"cancelled: {event.reason}")]
     if isinstance(event, FaultClassified):
-        return _stop_hung(state, event)
+        task = state.tasks.get(event.task_id)
+        attempt = None if task is None else task.attempts.get(event.attempt)
+        node = None if attempt is None else state.nodes.get(attempt.node)
+        if attempt is None or node is None or not node.alive or not _unended(attempt):
+            return []  # ended, or on a lost node: stopped when the node comes back
+        return [_stop_concluded(event.id, attempt, event.task_id)]
     if isinstance(event, NodeRecovered):
         return [
-            _stop(event.id, attempt, task.spec.task_id, "stale: rebuilt while its node was lost")
+            _stop_concluded(event.id, attempt, task.spec.task_id)
             for task in state.tasks.values()
             for attempt in task.attempts.values()
-            if attempt.node == event.node
-            and attempt.exited is None
-            and attempt.classified is not None
-            and attempt.classified.fault == "node_lost"
+            if attempt.node == event.node and _unended(attempt)
         ]
     return []
 
 
-def _stop_hung(state: State, event: FaultClassified) -> list[Command]:
-    """Stop an attempt concluded without an exit because a GPU under it failed.
+def _unended(attempt: AttemptState) -> bool:
+    """Concluded, but no exit or start failure says its container is gone."""
+    return (
+        attempt.classified is not None and attempt.exited is None and attempt.start_failed is None
+    )
 
-    The process is still running (or hung) on a quarantined GPU: kill it at once, no
-    grace period; its GPUs are released when that exit is logged (`awaits_kill`).
-    Nothing to do once its exit is known, or where its node is lost.
+
+def _stop_concluded(cause: str, attempt: AttemptState, task_id: str) -> StopCommand:
+    """Stop the container of an attempt that was concluded while it may still run.
+
+    Either its node was lost (the container is stale once the task is rebuilt, or
+    failed), or a GPU under it failed and its process hung there: that one is killed at
+    once, with no grace period, and its GPUs come back with its exit (`awaits_kill`).
+    Sent when the conclusion is folded on a live node, or when the node comes back;
+    however the log interleaves the conclusion with the node's loss and recovery, one of
+    the two sees the node alive.
     """
-    task = state.tasks.get(event.task_id)
-    attempt = None if task is None else task.attempts.get(event.attempt)
-    if (
-        attempt is None
-        or event.fault != "gpu_hardware"
-        or attempt.exited is not None
-        or attempt.start_failed is not None
-        or attempt.node_lost is not None
-    ):
-        return []
-    reason = f"gpu_hardware ({event.rule}) under a running process: killed to be rebuilt"
-    return [_stop(event.id, attempt, event.task_id, reason, grace_s=0.0)]
+    assert attempt.classified is not None
+    if attempt.classified.fault == "gpu_hardware":
+        rule = attempt.classified.rule
+        reason = f"gpu_hardware ({rule}) under a running process: killed to be rebuilt"
+        return _stop(cause, attempt, task_id, reason, grace_s=0.0)
+    return _stop(cause, attempt, task_id, "stale: concluded while its node was lost")
 
 
 def _stop(

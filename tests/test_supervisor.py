@@ -15,7 +15,14 @@ import pytest
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.commands import RunCommand, StopCommand
 from gpuwarden.engine.policy import Policy, Rule
-from gpuwarden.engine.supervisor import commands_for, decide, evolve, initial_state
+from gpuwarden.engine.supervisor import (
+    commands_for,
+    decide,
+    decide_many,
+    evolve,
+    initial_state,
+    next_due,
+)
 
 from tests.supervisor_driver import T0, Driver
 
@@ -924,3 +931,72 @@ def test_a_gpu_its_node_stopped_listing_does_not_count_as_free_when_released() -
     d.emit(ev.NodeRegistered, node="a", runtime="sim", gpus=only_a1)
     d.exit("t1", 0)  # the driver recounts every index after each fold
     assert d.state.nodes["a"].free == 1 and d.state.free_ranked == [(1, "a")]
+
+
+def _fold_as_engine_round(d: Driver, appended_first: ev.Event, group: list[ev.Event]) -> None:
+    """What the engine's log holds when its liveness step appends an event just before
+    the decisions it made on the state without it, then its next round decides on both."""
+    for event in (appended_first, *group):
+        d.log.append(event)
+        evolve(d.state, event)
+    follow = decide_many(d.state, [appended_first, *group], d.now)
+    for event in follow:
+        d.append(event)
+
+
+def test_a_hung_conclusion_logged_after_its_nodes_loss_is_stopped_on_recovery() -> None:
+    """Second review: the fault timer's round decided on the state before the node.lost
+    its own liveness step appended; the conclusion came after the loss, so neither it
+    nor the recovery sent a stop, and the process ran on."""
+    d = Driver()
+    d.node("a", 2)
+    running(d, gpus=2)
+    d.xid("a/0", 48)
+    due = next_due(d.state)
+    assert due is not None
+    d.now = due
+    group = decide(d.state, None, d.now)
+    classified = only([e for e in group if isinstance(e, ev.FaultClassified)])
+    lost = ev.NodeLost(id="lost-a", at=d.now, actor="engine", node="a", last_heartbeat_at=d.now)
+    _fold_as_engine_round(d, lost, group)
+    assert commands_for(d.state, classified) == []  # its node is away
+    recovered = d.emit(ev.NodeRecovered, node="a", last_heartbeat_at=d.now)
+    [stop] = commands_for(d.state, recovered)
+    assert isinstance(stop, StopCommand)
+    assert (stop.task_id, stop.attempt, stop.grace_s) == ("t1", 1, 0.0)
+
+
+def test_a_node_lost_conclusion_logged_after_the_recovery_is_stopped() -> None:
+    """Second review (older path): node.recovered landed before the node_lost conclusion
+    made on the state without it; nothing stopped the stale container."""
+    d = Driver(Policy(backoff_initial_s=0))
+    d.node("a", 1)
+    running(d)
+    lost = ev.NodeLost(id="lost-a", at=d.now, actor="engine", node="a", last_heartbeat_at=d.now)
+    d.log.append(lost)
+    evolve(d.state, lost)
+    group = decide(d.state, lost, d.now)  # the round deciding on the loss...
+    back = ev.NodeRecovered(id="back-a", at=d.now, actor="engine", node="a",
+                            last_heartbeat_at=d.now)  # fmt: skip
+    _fold_as_engine_round(d, back, group)  # ...after its liveness step logged the recovery
+    assert d.log.index(back) < d.log.index(group[0])
+    classified = only([e for e in group if isinstance(e, ev.FaultClassified)])
+    assert classified.fault == "node_lost"
+    [stop] = commands_for(d.state, classified)  # folded on a live node: stop it now
+    assert (stop.task_id, stop.attempt, stop.grace_s) == ("t1", 1, None)
+
+
+def test_a_hung_attempts_gpu_its_node_stopped_listing_comes_back_with_the_nodes_loss() -> None:
+    """Second review: the node's loss released hung attempts' GPUs by walking the GPUs
+    the node lists; one it no longer lists stayed held."""
+    d = Driver()
+    d.node("a", 2)
+    running(d, task="t0")  # a/0
+    running(d, task="t1")  # a/1
+    d.xid("a/1", 48)
+    d.advance(2)
+    assert d.state.gpus["a/1"].holder == ("t1", 1)  # hung: held until its exit
+    only_a0 = (ev.GpuInfo(uuid="a/0", index=0, model="H100", memory_mb=81920),)
+    d.emit(ev.NodeRegistered, node="a", runtime="sim", gpus=only_a0)
+    d.emit(ev.NodeLost, node="a", last_heartbeat_at=d.now)
+    assert d.state.gpus["a/1"].holder is None
