@@ -220,13 +220,15 @@ def _hung_on(state: State, attempt: AttemptState) -> GpuFault | None:
 
 
 def awaits_kill(state: State, attempt: AttemptState) -> bool:
-    """Concluded on a GPU fault while its process still runs there: its GPUs are given
-    back when its exit (gpuwarden's kill) is recorded, or its node is lost."""
+    """Ended by gpuwarden while its process still runs: concluded on a GPU fault under
+    it (a hung process) or cancelled by its owner. Its GPUs are given back when its exit
+    (or a start failure) is recorded, or its node is lost; until then its memory is still
+    on them, and the next task placed there would find them full."""
     classified = attempt.classified
+    hung = classified is not None and classified.fault == "gpu_hardware"
     node = state.nodes.get(attempt.node)
     return (
-        classified is not None
-        and classified.fault == "gpu_hardware"
+        (attempt.stop_requested or hung)
         and attempt.started
         and attempt.exited is None
         and attempt.start_failed is None
@@ -856,8 +858,8 @@ def _current_open(state: State, task_id: str, n: int) -> tuple[TaskState, Attemp
 def _react_exited(r: _Round, e: ContainerExited) -> None:
     task = r.state.tasks.get(e.task_id)
     attempt = None if task is None else task.attempts.get(e.attempt)
-    if attempt is not None and attempt.classified is not None:
-        _release(r, e.task_id, attempt, e.id)  # concluded before it died: its GPUs now
+    if attempt is not None and _ended(attempt):
+        _release(r, e.task_id, attempt, e.id)  # ended before it died: its GPUs now
         return
     if e.exit_code != 0:
         return  # classified when its evidence window closes (a timer)
@@ -869,7 +871,7 @@ def _react_exited(r: _Round, e: ContainerExited) -> None:
 def _react_start_failed(r: _Round, e: ContainerStartFailed) -> None:
     task = r.state.tasks.get(e.task_id)
     attempt = None if task is None else task.attempts.get(e.attempt)
-    if attempt is not None and attempt.classified is not None:
+    if attempt is not None and _ended(attempt):
         _release(r, e.task_id, attempt, e.id)  # as for an exit: the container is gone
         return
     found = _current_open(r.state, e.task_id, e.attempt)
@@ -881,11 +883,11 @@ def _react_node_lost(r: _Round, e: NodeLost) -> None:
     node = r.state.nodes.get(e.node)
     if node is None:
         return
-    for gpu in r.state.gpus.values():  # a concluded process the node took with it
+    for gpu in r.state.gpus.values():  # an ended process the node took with it
         holder = gpu.holder
         if holder is not None:
             held = _attempt(r.state, *holder)
-            if held is not None and held.node == e.node and held.classified is not None:
+            if held is not None and held.node == e.node and _ended(held):
                 _release(r, holder[0], held, e.id)  # no kill to wait for any more
     for task, attempt in _attempts_on(r.state, node):
         if attempt.node_lost != e:
@@ -895,6 +897,11 @@ def _react_node_lost(r: _Round, e: NodeLost) -> None:
         found = _current_open(r.state, task.spec.task_id, attempt.n)
         if found is not None:
             _conclude(r, *found)
+
+
+def _ended(attempt: AttemptState) -> bool:
+    """Concluded or cancelled: nothing but its container's end keeps its GPUs."""
+    return attempt.classified is not None or attempt.stop_requested
 
 
 def _react_gpu_fault(r: _Round, e: GpuFault) -> None:

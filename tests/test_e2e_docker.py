@@ -226,3 +226,27 @@ async def test_a_process_hung_on_a_failed_gpu_is_killed_and_rebuilt_elsewhere(
     second = await cluster.started(task_id, 2)
     assert second.node != first.node  # its node's only GPU is quarantined
     assert not cluster.running(first.container_id) and cluster.running(second.container_id)
+
+
+async def test_a_cancelled_task_keeps_its_gpu_until_its_container_has_exited(
+    cluster: Cluster,
+) -> None:
+    """The owner cancels t1, whose process takes a moment to die after SIGTERM. Its
+    GPU memory is in use until then, so pending t2 gets that GPU only after t1's exit."""
+    await cluster.start([cluster.janitor.node])
+    first = await cluster.submit(["sh", "-c", "trap 'sleep 1; exit 3' TERM; sleep 300 & wait"])
+    started = await cluster.started(first, 1)
+    second = await cluster.submit(SLEEPER)
+    cancel = ev.TaskCancelled(id=new_id(), at=datetime.now(UTC), actor="api",
+                              correlation_id=first, task_id=first, reason="owner")  # fmt: skip
+    await cluster.log.append(ev.task_subject(first), [cancel])
+
+    exited = await wait_event(cluster.log, attempt_is(first, 1, ev.ContainerExited))
+    released = await wait_event(cluster.log, attempt_is(first, 1, ev.GpuReleased))
+    scheduled = await wait_event(cluster.log, attempt_is(second, 1, ev.TaskScheduled))
+    assert released.seq > exited.seq, "the GPU comes back with the container's exit"
+    assert scheduled.seq > exited.seq, "the next task waits for the cancelled process"
+    assert not cluster.running(started.container_id)
+    assert cluster.running((await cluster.started(second, 1)).container_id)
+    kinds = [ev.type_of(e) for e in await task_events(cluster.log, first)]
+    assert "fault.classified" not in kinds and kinds[-1] != "rebuild.decided"

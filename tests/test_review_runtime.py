@@ -137,7 +137,18 @@ async def test_a_restarted_engine_sends_the_stop_of_a_cancel_it_never_sent(
     command = await first_command(engine, command_bus, "n1")
     assert isinstance(command, StopCommand)
     assert (command.task_id, command.attempt, command.container_id) == ("t1", 1, "k")
+    # its process has not exited yet: the GPU stays with it until the stop takes effect
+    assert engine.state.gpus["n1/0"].holder == ("t1", 1)
+    await emit(event_log, ev.ContainerExited, "e1", T0, task_id="t1", attempt=1, node="n1",
+               container_id="k", exit_code=143)  # fmt: skip
+    engine = Engine(event_log, command_bus, VirtualClock(T0))
+    task = await start(engine)
+    try:
+        await engine.wait_idle(timeout_s=5)
+    finally:
+        await stop(task)
     assert engine.state.gpus["n1/0"].holder is None
+    assert (await types_on(event_log, ev.gpu_subject("n1/0")))[-1] == "gpu.released"
 
 
 async def test_a_heartbeat_only_counts_for_the_node_of_its_subject(
@@ -184,8 +195,9 @@ async def test_a_restarted_engine_settles_after_a_cancel_and_an_xid_it_did_not_s
     event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
 ) -> None:
     """Review finding: while no engine ran, the owner cancelled t1 and its GPU reported
-    Xid 48. The restarted engine quarantines and releases; no timer may be left due
-    that decides nothing, or the engine spins (it did, at ~6,400 rounds/s)."""
+    Xid 48. The restarted engine quarantines; no timer may be left due that decides
+    nothing, or the engine spins (it did, at ~6,400 rounds/s). The cancelled process
+    keeps the GPU until its exit is logged."""
     await running_task(event_log)
     await emit(event_log, ev.TaskCancelled, "x1", T0, task_id="t1", reason="bye")
     await emit(event_log, ev.GpuFault, "g1", T0, gpu_uuid="n1/0", node="n1", kind="xid", xid=48)
@@ -196,7 +208,7 @@ async def test_a_restarted_engine_settles_after_a_cancel_and_an_xid_it_did_not_s
         due = engine.due()
         assert due is None or due > engine.clock.now(), f"a timer is due and idle: {due}"
         assert engine.state.gpus["n1/0"].quarantined
-        assert engine.state.gpus["n1/0"].holder is None
+        assert engine.state.gpus["n1/0"].holder == ("t1", 1)
     finally:
         await stop(task)
 

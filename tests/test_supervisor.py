@@ -605,24 +605,61 @@ def cancel(d: Driver, task: str) -> ev.Event:
     return d.emit(ev.TaskCancelled, task_id=task, reason="owner asked", actor="api")
 
 
-def test_cancel_a_running_task_releases_and_stops_it() -> None:
+def test_cancel_a_running_task_stops_it_and_frees_its_gpus_at_its_exit() -> None:
     d = Driver()
     d.node("a", 1)
     running(d)
+    d.submit("t2")
     cancelled = cancel(d, "t1")
-    released = only(d.of_type(ev.GpuReleased, "t1"))
-    assert released.causation_id == cancelled.id
-    assert holders(d) == {"a/0": None}
     assert d.state.tasks["t1"].status == "cancelled"
     [stop] = commands_for(d.state, cancelled)
     assert isinstance(stop, StopCommand)
     assert (stop.node, stop.attempt, stop.container_id) == ("a", 1, "c-t1-1")
+    # its process still runs (and holds GPU memory) until the stop takes effect
+    assert d.of_type(ev.GpuReleased, "t1") == []
+    assert holders(d) == {"a/0": ("t1", 1)}
+    assert d.of_type(ev.TaskScheduled, "t2") == []
     # the kill we asked for is no fault: nothing is classified or rebuilt
     d.exit("t1", 137)
+    [died] = d.of_type(ev.ContainerExited, "t1")
+    released = only(d.of_type(ev.GpuReleased, "t1"))
+    assert released.causation_id == died.id
+    assert only(d.of_type(ev.TaskScheduled, "t2")).gpu_uuids == ("a/0",)
     d.advance(60)
     assert d.of_type(ev.FaultClassified) == []
     assert d.of_type(ev.RebuildDecided) == []
     assert d.state.tasks["t1"].status == "cancelled"
+
+
+def test_cancel_before_the_container_started_frees_its_gpus_at_once() -> None:
+    d = Driver()
+    d.node("a", 1)
+    d.submit("t1")
+    cancelled = cancel(d, "t1")
+    assert only(d.of_type(ev.GpuReleased, "t1")).causation_id == cancelled.id
+    assert holders(d) == {"a/0": None}
+
+
+def test_a_cancelled_process_gives_its_gpus_back_with_its_node_or_a_start_failure() -> None:
+    d = Driver()
+    d.node("a", 1)
+    d.node("b", 1)
+    running(d, "t1")
+    running(d, "t2")
+    cancel(d, "t1")
+    cancel(d, "t2")
+    assert d.of_type(ev.GpuReleased) == []
+    lost = d.emit(ev.NodeLost, node=d.attempt("t1").node, last_heartbeat_at=d.now)
+    assert only(d.of_type(ev.GpuReleased, "t1")).causation_id == lost.id
+    failed = d.emit(
+        ev.ContainerStartFailed,
+        task_id="t2",
+        attempt=1,
+        node=d.attempt("t2").node,
+        error="OCI runtime create failed",
+    )
+    assert only(d.of_type(ev.GpuReleased, "t2")).causation_id == failed.id
+    assert set(holders(d).values()) == {None}
 
 
 def test_cancel_a_pending_task_never_places_it() -> None:
