@@ -57,6 +57,15 @@ FLOOR_RATE = 100.0  # the atomic-batch hop, one commit at a time
 FLOOR_SAMPLES = 300
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -285,12 +294,15 @@ async def main(rate: float, seconds: float) -> None:
             watcher = asyncio.create_task(watch(url, "gw.evt.task.>", seen, stop))
             await asyncio.sleep(0.5)
             began = time.perf_counter()
+            cpu_before = cpu_seconds(engine.pid)
             await fire(log, where, rate)
             fired = time.perf_counter() - began
             for _ in range(300):
                 if sum(1 for k in seen if k.startswith("rebuild.decided|")) >= faults:
                     break
                 await asyncio.sleep(0.1)
+            cpu_after = cpu_seconds(engine.pid)
+            settled = time.perf_counter() - began
             stop.set()
             await watcher
         finally:
@@ -314,6 +326,11 @@ async def main(rate: float, seconds: float) -> None:
         f"engine  exited->rebuild.decided: p50 {pct(ours, 0.5):6.2f} ms  "
         f"p99 {pct(ours, 0.99):6.2f} ms  mean {statistics.mean(ours):6.2f} ms"
     )
+    if cpu_before is not None and cpu_after is not None:
+        print(
+            f"  engine CPU while firing: {(cpu_after - cpu_before) * 1000 / faults:.2f} ms "
+            f"per fault ({(cpu_after - cpu_before) / settled:.0%} of a core until the last decision)"
+        )
     print(
         f"raw hop consume->append:         p50 {pct(raw, 0.5):6.2f} ms  "
         f"p99 {pct(raw, 0.99):6.2f} ms  ({len(raw)} samples)"
