@@ -327,9 +327,10 @@ async def main(rate: float, seconds: float) -> None:
         f"p99 {pct(ours, 0.99):6.2f} ms  mean {statistics.mean(ours):6.2f} ms"
     )
     if cpu_before is not None and cpu_after is not None:
+        used = cpu_after - cpu_before
         print(
-            f"  engine CPU while firing: {(cpu_after - cpu_before) * 1000 / faults:.2f} ms "
-            f"per fault ({(cpu_after - cpu_before) / settled:.0%} of a core until the last decision)"
+            f"  engine CPU while firing: {used * 1000 / faults:.2f} ms per fault "
+            f"({used / settled:.0%} of a core until the last decision)"
         )
     print(
         f"raw hop consume->append:         p50 {pct(raw, 0.5):6.2f} ms  "
