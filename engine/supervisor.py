@@ -314,6 +314,14 @@ def _on_node_lost(state: State, e: NodeLost) -> None:
     node.lost = e
     for _, attempt in _attempts_on(state, node, prune=True):
         attempt.node_lost = e
+    # An ended attempt still waiting for its exit (awaits_kill) waits no more: its
+    # container went with the node, and a recovery folded before this loss is decided
+    # must not make it wait again. By the holder's node: the node may no longer list
+    # the GPU.
+    for gpu in state.gpus.values():
+        held = None if gpu.holder is None else _attempt(state, *gpu.holder)
+        if held is not None and held.node == e.node and _ended(held) and held.node_lost is None:
+            held.node_lost = e
 
 
 def _attempts_on(

@@ -22,6 +22,7 @@ from gpuwarden.engine.supervisor import (
     evolve,
     initial_state,
     next_due,
+    reconcile,
 )
 
 from tests.supervisor_driver import T0, Driver
@@ -299,6 +300,41 @@ def test_a_hung_attempts_gpus_come_back_with_a_start_failure_or_a_node_loss() ->
             d.emit(ev.NodeLost, node="a", last_heartbeat_at=d.now)
         assert d.state.gpus["a/0"].holder is None, ending
         assert len(d.of_type(ev.FaultClassified, "t1")) == 1, ending
+
+
+@pytest.mark.parametrize("ended_by", ["cancel", "hung"])
+@pytest.mark.parametrize("decided", ["in_one_round", "by_a_restarted_engine"])
+def test_a_node_lost_and_back_before_its_loss_is_decided_still_frees_ended_attempts(
+    ended_by: str, decided: str
+) -> None:
+    """Review finding: a cancelled (or hung) attempt waits for its exit while its node
+    is alive. A node.lost and node.recovered folded before the loss is decided (one
+    round, or an engine that was down) left the node alive again, so the attempt kept
+    its GPUs, and waited for an exit its vanished container would never report. Decided
+    event by event, the same log freed them at the loss."""
+    d = Driver()
+    d.node("a", 2)
+    running(d, gpus=2)
+    if ended_by == "cancel":
+        cancel(d, "t1")
+    else:
+        d.xid("a/0", 48)
+        d.advance(2)
+    assert d.state.gpus["a/1"].holder == ("t1", 1)
+    lost = ev.NodeLost(id="L", at=d.now, actor="engine", node="a", last_heartbeat_at=d.now)
+    back = ev.NodeRecovered(id="R", at=d.now, actor="engine", node="a", last_heartbeat_at=d.now)
+    for event in (lost, back):
+        d.log.append(event)
+        evolve(d.state, event)
+    if decided == "in_one_round":
+        group = decide_many(d.state, [lost, back], d.now)
+    else:
+        state = initial_state(d.state.policy)
+        for event in d.log:
+            evolve(state, event)
+        group = reconcile(state, d.now)
+    released = [e for e in group if isinstance(e, ev.GpuReleased) and e.task_id == "t1"]
+    assert {e.gpu_uuid for e in released} >= {"a/1"}
 
 
 def test_a_process_that_exits_within_the_window_is_classified_by_its_exit() -> None:
