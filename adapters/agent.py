@@ -374,7 +374,11 @@ class Agent:
                     await self._run(command)
                 case StopCommand():
                     grace = self.stop_timeout_s if command.grace_s is None else command.grace_s
-                    await self.runtime.stop(command.task_id, command.attempt, max(0.0, grace))
+                    stopped = await self.runtime.stop(
+                        command.task_id, command.attempt, max(0.0, grace)
+                    )
+                    if not stopped:
+                        await self._stopped_unstarted(command)
                 case RemoveCommand():
                     await self.runtime.remove(command.task_id, command.attempt)
         except ContainerRuntimeError as exc:
@@ -393,6 +397,10 @@ class Agent:
             await self._start_failed(
                 command, f"run command for node {command.node!r} reached the agent of {self.node!r}"
             )
+            return
+        unwanted = await self._unwanted(command.task_id, command.attempt)
+        if unwanted is not None:
+            await self._start_failed(command, f"not started: {unwanted}")
             return
         self._remember_cause(command)
         try:
@@ -421,6 +429,58 @@ class Agent:
                 finished_at=None,
             )
         await self._record_started(info, command.task_id, command.attempt, command.causation_id)
+
+    async def _unwanted(self, task_id: str, attempt: int) -> str | None:
+        """Why the log says an attempt that never started must not start now, if it does.
+
+        A run can reach the agent after the stop that cancels it (redelivered after an
+        agent died mid-run, while the stop found nothing to stop): started then, its
+        container would run on GPUs given to another task, and nothing would stop it.
+        The cancel (or conclusion) is in the log before any stop for it is sent, so a
+        run read after the stop sees it. Unknown or already started attempts run as
+        before (a run is idempotent per attempt); one whose start failed is not retried
+        (the engine has concluded it already).
+        """
+        state = await self._log_view({task_id})
+        task = state.tasks.get(task_id)
+        found = None if task is None else task.attempts.get(attempt)
+        if task is None or found is None or found.started or found.exited is not None:
+            return None
+        if found.stop_requested or task.status == "cancelled":
+            return f"task {task_id} was cancelled before its container started"
+        if found.classified is not None:
+            return f"attempt {attempt} was already concluded ({found.classified.fault})"
+        if found.start_failed is not None:
+            return f"attempt {attempt} already failed to start ({found.start_failed.error})"
+        if task.status in TERMINAL:
+            return f"task {task_id} already {task.status}"
+        return None
+
+    async def _stopped_unstarted(self, command: StopCommand) -> None:
+        """A stop that found no container: if the attempt never started here, say so.
+
+        The engine holds a cancelled attempt's GPUs until its container's end is
+        logged; an attempt whose run never reached the agent (lost with an engine that
+        died before sending it) would hold them for good without this answer.
+        """
+        state = await self._log_view({command.task_id})
+        task = state.tasks.get(command.task_id)
+        found = None if task is None else task.attempts.get(command.attempt)
+        if found is None or found.node != self.node or not _never_started(found):
+            return
+        await self.record(
+            ContainerStartFailed(
+                id=derive_id(command.id, "never_started"),
+                at=self.clock.now(),
+                actor=self.actor,
+                causation_id=command.causation_id,
+                correlation_id=command.task_id,
+                task_id=command.task_id,
+                attempt=command.attempt,
+                node=self.node,
+                error="not started: stopped before its container started",
+            )
+        )
 
     def _remember_cause(self, command: RunCommand) -> None:
         """The watcher may see the start first: it cites the same cause as the command."""
@@ -468,6 +528,10 @@ class Agent:
 async def _relay(source: anyio.Event, target: anyio.Event) -> None:
     await source.wait()
     target.set()
+
+
+def _never_started(attempt: AttemptState) -> bool:
+    return not attempt.started and attempt.exited is None and attempt.start_failed is None
 
 
 def _kind(command: Command) -> str:

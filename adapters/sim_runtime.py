@@ -18,7 +18,9 @@ down node's silence from the moment it went down, which is all liveness needs.
 A down node neither beats nor processes commands: its commands wait in the work
 queue (or in the node's hands, unacked) and are carried out when it comes back, where
 a stale run or stop still behaves sensibly (a stop of a container that is gone is a
-no-op; a run for an attempt already started is not started twice).
+no-op; a run for an attempt already started is not started twice). As the real agent
+does, a stop that finds an attempt never run says so with a start failure, and a run
+that comes after its attempt's stop is refused the same way.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ class SimRuntime:
             self.nodes[spec.name] = node
         self.gpu_node = {g.uuid: n.name for n in self.nodes.values() for g in n.gpus}
         self.containers: dict[tuple[str, int], SimContainer] = {}
+        self.stopped_unstarted: set[tuple[str, int]] = set()
         self.latest: dict[str, int] = {}  # task -> its latest attempt this cluster ran
         self.start_errors: dict[str, str] = {}
         self.handled: Counter[str] = Counter()
@@ -241,6 +244,8 @@ class SimRuntime:
         existing = self.containers.get((task, attempt))
         if existing is not None:  # a stale resend: report what is already so
             return ev.ContainerStarted(container_id=existing.container_id, **common)
+        if (task, attempt) in self.stopped_unstarted:
+            return ev.ContainerStartFailed(error="not started: stopped before it ran", **common)
         message = self.start_errors.pop(task, None)
         self.latest[task] = max(attempt, self.latest.get(task, 0))
         if message is not None:
@@ -252,7 +257,24 @@ class SimRuntime:
         return ev.ContainerStarted(container_id=container.container_id, **common)
 
     def _stop(self, node: SimNode, command: StopCommand) -> list[ev.Event]:
-        container = self.containers.get((command.task_id, command.attempt))
+        key = (command.task_id, command.attempt)
+        container = self.containers.get(key)
+        if container is None and key not in self.stopped_unstarted:
+            self.stopped_unstarted.add(key)  # never ran here: the engine waits to hear it
+            now = self.clock.now()
+            return [
+                ev.ContainerStartFailed(
+                    id=new_id(now),
+                    at=now,
+                    actor=node.actor,
+                    causation_id=command.causation_id,
+                    correlation_id=command.task_id,
+                    task_id=command.task_id,
+                    attempt=command.attempt,
+                    node=node.name,
+                    error="not started: stopped before its container started",
+                )
+            ]
         if container is None or not container.running or container.node != node.name:
             return []  # already gone: nothing to report
         # Docker's stop: SIGTERM, or SIGKILL at once with no grace period (exit 128 + 9).

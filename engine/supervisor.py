@@ -220,16 +220,20 @@ def _hung_on(state: State, attempt: AttemptState) -> GpuFault | None:
 
 
 def awaits_kill(state: State, attempt: AttemptState) -> bool:
-    """Ended by gpuwarden while its process still runs: concluded on a GPU fault under
+    """Ended by gpuwarden while its process may still run: concluded on a GPU fault under
     it (a hung process) or cancelled by its owner. Its GPUs are given back when its exit
-    (or a start failure) is recorded, or its node is lost; until then its memory is still
-    on them, and the next task placed there would find them full."""
+    or a start failure is recorded, or its node is lost; until then its memory may still
+    be on them, and the next task placed there would find them full.
+
+    A cancelled attempt waits even if its start is not logged yet: its run command may
+    be on its way to the agent, which answers a run or a stop of an attempt that never
+    started with a start failure (a hung process has, by definition, started).
+    """
     classified = attempt.classified
-    hung = classified is not None and classified.fault == "gpu_hardware"
+    hung = classified is not None and classified.fault == "gpu_hardware" and attempt.started
     node = state.nodes.get(attempt.node)
     return (
         (attempt.stop_requested or hung)
-        and attempt.started
         and attempt.exited is None
         and attempt.start_failed is None
         and attempt.node_lost is None

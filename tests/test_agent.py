@@ -105,6 +105,12 @@ class Node:
 
     async def send_run(self, image: str, argv: list[str], **kw: Any) -> RunCommand:
         """Log the task and its attempt as the engine would, then send the run command."""
+        command = await self.log_attempt(image, argv, **kw)
+        await self.bus.send(command)
+        return command
+
+    async def log_attempt(self, image: str, argv: list[str], **kw: Any) -> RunCommand:
+        """Log a task and its first attempt here; the run command for it, not yet sent."""
         task_id = f"t-{uuid.uuid4().hex[:10]}"
         now = datetime.now(UTC)
         submitted = ev.TaskSubmitted(
@@ -136,7 +142,6 @@ class Node:
             command=tuple(argv),
             **kw,
         )
-        await self.bus.send(command)
         return command
 
 
@@ -243,6 +248,39 @@ async def test_a_stop_with_no_grace_kills_a_process_that_ignores_sigterm(
     assert isinstance(exited.event, ev.ContainerExited)
     assert (exited.event.exit_code, exited.event.signal) == (137, 9)
     assert exited.event.at - started.event.at < timedelta(seconds=30)
+
+
+@pytest.mark.docker
+async def test_an_attempt_cancelled_before_its_run_arrived_is_never_started(
+    node: Node, test_image: str, docker_client: docker.DockerClient
+) -> None:
+    """The stop reaches the agent before the run (a run redelivered after an agent died
+    mid-run): the stop finds nothing and says the attempt never started, so the engine
+    can give its GPUs back; the run that follows is refused, not started on them."""
+    await node.start()
+    run = await node.log_attempt(test_image, ["sh", "-c", "sleep 60"])
+    cancelled = ev.TaskCancelled(id=new_id(), at=datetime.now(UTC), actor="api",
+                                 task_id=run.task_id, reason="owner")  # fmt: skip
+    await node.log.append(ev.task_subject(run.task_id), [cancelled])
+    stop = StopCommand(id=new_id(), node=node.name, task_id=run.task_id, attempt=1,
+                       causation_id=cancelled.id, reason="cancelled: owner")  # fmt: skip
+    await node.bus.send(stop)
+    never = await wait_event(node.log, about(run.task_id, ev.ContainerStartFailed))
+    assert isinstance(never.event, ev.ContainerStartFailed)
+    assert never.event.error == "not started: stopped before its container started"
+    assert never.event.causation_id == cancelled.id
+
+    await node.bus.send(run)
+    refused = await wait_event(
+        node.log,
+        lambda e: about(run.task_id, ev.ContainerStartFailed)(e) and e.id != never.event.id,
+    )
+    assert isinstance(refused.event, ev.ContainerStartFailed)
+    assert "was cancelled before its container started" in refused.event.error
+    labels = [f"{TASK_LABEL}={run.task_id}"]
+    assert docker_client.containers.list(all=True, filters={"label": labels}) == []
+    kinds = [ev.type_of(e) for e in await task_events(node.log, run.task_id)]
+    assert "container.started" not in kinds
 
 
 @pytest.mark.docker

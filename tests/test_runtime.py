@@ -247,7 +247,10 @@ async def test_metrics_endpoint_reports_what_the_engine_did(world: World) -> Non
 async def test_a_restart_does_not_resend_the_run_of_a_cancelled_task(
     event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
 ) -> None:
-    """An engine died between a cancel and its GPU release: no container may start again."""
+    """An engine died between a cancel and its dispatch: no container may start again.
+
+    Its run may or may not have reached the agent, so the restart sends the stop and the
+    GPU waits for the agent's answer (a start failure when nothing ever ran)."""
     w = World(event_log, command_bus)
     await register(w, "n1", 1)
     scheduled = ev.TaskScheduled(
@@ -272,10 +275,18 @@ async def test_a_restart_does_not_resend_the_run_of_a_cancelled_task(
             async for received in w.bus.receive("n1"):
                 kinds.append(type(received.command).__name__)
                 await received.ack()
+        assert "RunCommand" not in kinds and "StopCommand" in kinds
+        assert w.engine.state.gpus["n1/0"].holder == ("t1", 1)
+        answer = await w.emit(
+            ev.ContainerStartFailed, task_id="t1", attempt=1, node="n1", error="not started"
+        )
+        with anyio.fail_after(10):
+            while w.engine.state.gpus["n1/0"].holder is not None:
+                await w.engine.progress.wait()
     finally:
         await stop_engine(task)
-    assert "RunCommand" not in kinds
-    assert w.engine.state.gpus["n1/0"].holder is None
+    released = [r.event for r in await w.records() if isinstance(r.event, ev.GpuReleased)]
+    assert [e.causation_id for e in released] == [answer.id]
 
 
 def test_a_task_group_failure_is_reported_as_its_first_gpuwarden_error() -> None:

@@ -79,15 +79,19 @@ async def test_run_start_error_and_stop_become_container_events(cluster: Cluster
     await cluster.run("t1", 1)
     await cluster.run("t2", 1)
     await cluster.stop("t1", 1)
-    await cluster.stop("t9", 1)  # nothing runs there: acked, no event
+    await cluster.stop("t9", 1)  # never ran there: it says so, and will not run it
+    await cluster.run("t9", 1)
     await cluster.sim.wait_handled(5)
     events = [e for e in await cluster.events() if not isinstance(e, ev.NodeRegistered)]
-    started, failed, exited = events
+    started, failed, exited, never, refused = events
+    assert isinstance(never, ev.ContainerStartFailed) and never.task_id == "t9"
+    assert isinstance(refused, ev.ContainerStartFailed) and refused.task_id == "t9"
+    assert never.error.startswith("not started") and refused.error.startswith("not started")
     assert isinstance(started, ev.ContainerStarted) and started.container_id == "sim-t1-1"
     assert isinstance(failed, ev.ContainerStartFailed) and failed.error == "No such image: x"
     assert isinstance(exited, ev.ContainerExited)
     assert (exited.exit_code, exited.signal, exited.attempt) == (143, 15, 1)
-    assert cluster.sim.backlog() == 0 and cluster.sim.handled["n1"] == 4
+    assert cluster.sim.backlog() == 0 and cluster.sim.handled["n1"] == 5
 
 
 async def test_a_down_node_neither_beats_nor_handles_until_it_is_back(cluster: Cluster) -> None:

@@ -667,13 +667,30 @@ def test_cancel_a_running_task_stops_it_and_frees_its_gpus_at_its_exit() -> None
     assert d.state.tasks["t1"].status == "cancelled"
 
 
-def test_cancel_before_the_container_started_frees_its_gpus_at_once() -> None:
+@pytest.mark.parametrize("then", ["never_started", "started_late"])
+def test_cancel_before_the_start_is_logged_holds_the_gpus_until_the_agent_answers(
+    then: str,
+) -> None:
+    """The run command may already be at the agent: the GPUs wait for what it reports,
+    a start failure (it refused to start a cancelled attempt) or a start and an exit."""
     d = Driver()
     d.node("a", 1)
     d.submit("t1")
+    d.submit("t2")
     cancelled = cancel(d, "t1")
-    assert only(d.of_type(ev.GpuReleased, "t1")).causation_id == cancelled.id
-    assert holders(d) == {"a/0": None}
+    [stop] = commands_for(d.state, cancelled)
+    assert (stop.task_id, stop.attempt) == ("t1", 1)
+    assert holders(d) == {"a/0": ("t1", 1)}
+    if then == "never_started":
+        answer = d.emit(ev.ContainerStartFailed, task_id="t1", attempt=1, node="a",
+                        error="not started: the task was cancelled")  # fmt: skip
+    else:
+        d.start("t1")
+        assert holders(d) == {"a/0": ("t1", 1)}
+        answer = d.exit_attempt("t1", 1, 143)
+    assert only(d.of_type(ev.GpuReleased, "t1")).causation_id == answer.id
+    assert only(d.of_type(ev.TaskScheduled, "t2")).gpu_uuids == ("a/0",)
+    assert d.of_type(ev.FaultClassified, "t1") == []
 
 
 def test_a_cancelled_process_gives_its_gpus_back_with_its_node_or_a_start_failure() -> None:
