@@ -669,7 +669,8 @@ def reconcile(state: State, now: datetime) -> list[Event]:
             # Ended tasks give everything back; a concluded attempt whose kill's exit (or
             # its node's loss) was logged while no engine ran gives its GPUs back too.
             if task.status in TERMINAL or attempt.classified is not None:
-                _release(r, task.spec.task_id, attempt, _about(attempt))
+                cause = _cause(attempt) or attempt.scheduled.id  # a logged event, to cite
+                _release(r, task.spec.task_id, attempt, cause)
     if state.timers and state.timers[0].due <= now:
         _due_timers(r)
     if state.waiting:

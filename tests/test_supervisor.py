@@ -1090,3 +1090,20 @@ def test_a_hung_attempts_gpu_its_node_stopped_listing_comes_back_with_the_nodes_
     d.emit(ev.NodeRegistered, node="a", runtime="sim", gpus=only_a0)
     d.emit(ev.NodeLost, node="a", last_heartbeat_at=d.now)
     assert d.state.gpus["a/1"].holder is None
+
+
+def test_a_restart_releases_citing_an_event_that_is_in_the_log() -> None:
+    """Review finding: with the engine down, t1's node was lost and t1 cancelled; the
+    restart's sweep released t1's GPU citing an id derived from the loss, an event
+    nobody logged, so an audit of that release led nowhere."""
+    d = Driver()
+    d.node("a", 1)
+    running(d)
+    lost = ev.NodeLost(id="L", at=d.now, actor="engine", node="a", last_heartbeat_at=d.now)
+    cancelled = ev.TaskCancelled(id="C", at=d.now, actor="api", task_id="t1", reason="owner")
+    state = initial_state(d.state.policy)
+    for event in [*d.log, lost, cancelled]:
+        evolve(state, event)
+    group = reconcile(state, d.now)
+    released = only([e for e in group if isinstance(e, ev.GpuReleased)])
+    assert released.causation_id == lost.id
