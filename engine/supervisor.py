@@ -320,24 +320,45 @@ def _on_node_lost(state: State, e: NodeLost) -> None:
         attempt.node_lost = e
     # An ended attempt still waiting for its exit (awaits_kill) waits no more: its
     # container went with the node, and a recovery folded before this loss is decided
-    # must not make it wait again. By the holder's node: the node may no longer list
-    # the GPU.
-    for gpu in state.gpus.values():
-        held = None if gpu.holder is None else _attempt(state, *gpu.holder)
-        if held is not None and held.node == e.node and _ended(held) and held.node_lost is None:
+    # must not make it wait again.
+    for _, held in _ended_holders(state, node):
+        if held.node_lost is None:
             held.node_lost = e
+
+
+def _holds_gpus(state: State, key: tuple[str, int]) -> bool:
+    attempt = _attempt(state, *key)
+    if attempt is None:
+        return False
+    for uuid in attempt.gpu_uuids:
+        gpu = state.gpus.get(uuid)
+        if gpu is not None and gpu.holder == key:
+            return True
+    return False
+
+
+def _ended_holders(state: State, node: NodeState) -> list[tuple[str, AttemptState]]:
+    """Attempts scheduled on the node, concluded or cancelled, that still hold GPUs
+    (wherever those GPUs are listed now: a node may re-register without one)."""
+    found = []
+    for key in node.attempts:
+        attempt = _attempt(state, *key)
+        if attempt is not None and _ended(attempt) and _holds_gpus(state, key):
+            found.append((key[0], attempt))
+    return found
 
 
 def _attempts_on(
     state: State, node: NodeState, *, prune: bool = False
 ) -> list[tuple[TaskState, AttemptState]]:
-    """Current, unclassified attempts on a node (evolve may prune finished entries)."""
+    """Current, unclassified attempts on a node (evolve may prune finished entries, but
+    not one that still holds GPUs: `_ended_holders` finds those here)."""
     found = []
     for key in list(node.attempts):
         task = state.tasks.get(key[0])
         attempt = task.current if task is not None else None
         if attempt is None or attempt.n != key[1] or attempt.classified is not None:
-            if prune:
+            if prune and not _holds_gpus(state, key):
                 del node.attempts[key]
         elif task is not None and task.status not in TERMINAL:
             found.append((task, attempt))
@@ -896,12 +917,8 @@ def _react_node_lost(r: _Round, e: NodeLost) -> None:
     node = r.state.nodes.get(e.node)
     if node is None:
         return
-    for gpu in r.state.gpus.values():  # an ended process the node took with it
-        holder = gpu.holder
-        if holder is not None:
-            held = _attempt(r.state, *holder)
-            if held is not None and held.node == e.node and _ended(held):
-                _release(r, holder[0], held, e.id)  # no kill to wait for any more
+    for task_id, held in _ended_holders(r.state, node):  # what the node took with it
+        _release(r, task_id, held, e.id)  # no kill to wait for any more
     for task, attempt in _attempts_on(r.state, node):
         if attempt.node_lost != e:
             continue  # by value: a replay decodes the trigger apart from the folded copy
