@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
@@ -42,6 +42,7 @@ from gpuwarden.engine.errors import (
     GpuwardenError,
 )
 from gpuwarden.engine.events import (
+    ContainerExited,
     ContainerStarted,
     ContainerStartFailed,
     Event,
@@ -67,6 +68,7 @@ COMMAND_CONCURRENCY = 16
 RETRY_DELAY_S = 1.0
 WATCH_RETRY_S = 0.5
 MAX_REMEMBERED = 4096
+ANSWERED = ""  # a run already answered in the log: ack it, start nothing
 
 
 class ForeignNodeError(GpuwardenError):
@@ -378,7 +380,7 @@ class Agent:
                         command.task_id, command.attempt, max(0.0, grace)
                     )
                     if not stopped:
-                        await self._stopped_unstarted(command)
+                        await self._stopped_nothing(command)
                 case RemoveCommand():
                     await self.runtime.remove(command.task_id, command.attempt)
         except ContainerRuntimeError as exc:
@@ -398,9 +400,11 @@ class Agent:
                 command, f"run command for node {command.node!r} reached the agent of {self.node!r}"
             )
             return
-        unwanted = await self._unwanted(command.task_id, command.attempt)
-        if unwanted is not None:
-            await self._start_failed(command, f"not started: {unwanted}")
+        refusal = await self._refusal(command.task_id, command.attempt)
+        if refusal == ANSWERED:
+            return  # a redelivered run: the log already says how this attempt went
+        if refusal is not None:
+            await self._start_failed(command, f"not started: {refusal}")
             return
         self._remember_cause(command)
         try:
@@ -430,57 +434,73 @@ class Agent:
             )
         await self._record_started(info, command.task_id, command.attempt, command.causation_id)
 
-    async def _unwanted(self, task_id: str, attempt: int) -> str | None:
-        """Why the log says an attempt that never started must not start now, if it does.
+    async def _refusal(self, task_id: str, attempt: int) -> str | None:
+        """Why the log says this run must not start a container (None: run it).
 
         A run can reach the agent after the stop that cancels it (redelivered after an
         agent died mid-run, while the stop found nothing to stop): started then, its
         container would run on GPUs given to another task, and nothing would stop it.
         The cancel (or conclusion) is in the log before any stop for it is sent, so a
-        run read after the stop sees it. Unknown or already started attempts run as
-        before (a run is idempotent per attempt); one whose start failed is not retried
-        (the engine has concluded it already).
+        run read after the stop sees it. A run for an attempt whose start, exit or start
+        failure is logged already is a redelivery: ANSWERED, and nothing is started
+        (its container may be gone, and a new one would run unsupervised).
         """
         state = await self._log_view({task_id})
         task = state.tasks.get(task_id)
         found = None if task is None else task.attempts.get(attempt)
-        if task is None or found is None or found.started or found.exited is not None:
+        if task is None or found is None:
             return None
+        if not _never_started(found):
+            return ANSWERED
         if found.stop_requested or task.status == "cancelled":
             return f"task {task_id} was cancelled before its container started"
         if found.classified is not None:
             return f"attempt {attempt} was already concluded ({found.classified.fault})"
-        if found.start_failed is not None:
-            return f"attempt {attempt} already failed to start ({found.start_failed.error})"
         if task.status in TERMINAL:
             return f"task {task_id} already {task.status}"
         return None
 
-    async def _stopped_unstarted(self, command: StopCommand) -> None:
-        """A stop that found no container: if the attempt never started here, say so.
+    async def _stopped_nothing(self, command: StopCommand) -> None:
+        """A stop that found no container: say what became of the attempt, if the log
+        does not know yet.
 
-        The engine holds a cancelled attempt's GPUs until its container's end is
-        logged; an attempt whose run never reached the agent (lost with an engine that
-        died before sending it) would hold them for good without this answer.
+        The engine holds an ended attempt's GPUs until its container's end is logged.
+        An attempt that never started here (its run lost with an engine that died
+        before sending it) is answered with a start failure; one that started but whose
+        container is gone without a logged exit (removed while this agent was down) is
+        answered with an exit of unknown code. Without either, the GPUs would wait for
+        the node's loss.
         """
         state = await self._log_view({command.task_id})
         task = state.tasks.get(command.task_id)
         found = None if task is None else task.attempts.get(command.attempt)
-        if found is None or found.node != self.node or not _never_started(found):
+        if found is None or found.node != self.node:
             return
-        await self.record(
-            ContainerStartFailed(
-                id=derive_id(command.id, "never_started"),
-                at=self.clock.now(),
-                actor=self.actor,
-                causation_id=command.causation_id,
-                correlation_id=command.task_id,
-                task_id=command.task_id,
-                attempt=command.attempt,
-                node=self.node,
-                error="not started: stopped before its container started",
+        if found.exited is not None or found.start_failed is not None:
+            return
+        common: dict[str, Any] = {
+            "at": self.clock.now(),
+            "actor": self.actor,
+            "causation_id": command.causation_id,
+            "correlation_id": command.task_id,
+            "task_id": command.task_id,
+            "attempt": command.attempt,
+            "node": self.node,
+        }
+        if not found.started:
+            error = "not started: stopped before its container started"
+            never = ContainerStartFailed(
+                id=derive_id(command.id, "never_started"), error=error, **common
             )
+            await self.record(never)
+            return
+        gone = ContainerExited(
+            id=derive_id(command.id, "gone"),
+            container_id=found.container_id or command.container_id or "",
+            error="container gone: none found when asked to stop it",
+            **common,
         )
+        await self.record(gone)
 
     def _remember_cause(self, command: RunCommand) -> None:
         """The watcher may see the start first: it cites the same cause as the command."""

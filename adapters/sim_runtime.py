@@ -20,7 +20,7 @@ queue (or in the node's hands, unacked) and are carried out when it comes back, 
 a stale run or stop still behaves sensibly (a stop of a container that is gone is a
 no-op; a run for an attempt already started is not started twice). As the real agent
 does, a stop that finds an attempt never run says so with a start failure, and a run
-that comes after its attempt's stop is refused the same way.
+that comes after that answer starts nothing.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class SimRuntime:
             self.nodes[spec.name] = node
         self.gpu_node = {g.uuid: n.name for n in self.nodes.values() for g in n.gpus}
         self.containers: dict[tuple[str, int], SimContainer] = {}
-        self.stopped_unstarted: set[tuple[str, int]] = set()
+        self.never_ran: set[tuple[str, int]] = set()  # answered with a start failure
         self.latest: dict[str, int] = {}  # task -> its latest attempt this cluster ran
         self.start_errors: dict[str, str] = {}
         self.handled: Counter[str] = Counter()
@@ -221,14 +221,15 @@ class SimRuntime:
         if command.id not in self.seen_commands:  # a redelivery is acked, not redone
             self.seen_commands.add(command.id)
             if isinstance(command, RunCommand):
-                await self.emit([self._run(node, command)])
+                started = self._run(node, command)
+                await self.emit([] if started is None else [started])
             elif isinstance(command, StopCommand):
                 await self.emit(self._stop(node, command))
         await received.ack()
         self.handled[node.name] += 1
         self._signal()
 
-    def _run(self, node: SimNode, command: RunCommand) -> ev.Event:
+    def _run(self, node: SimNode, command: RunCommand) -> ev.Event | None:
         now = self.clock.now()
         task, attempt = command.task_id, command.attempt
         common: dict[str, Any] = {
@@ -244,11 +245,12 @@ class SimRuntime:
         existing = self.containers.get((task, attempt))
         if existing is not None:  # a stale resend: report what is already so
             return ev.ContainerStarted(container_id=existing.container_id, **common)
-        if (task, attempt) in self.stopped_unstarted:
-            return ev.ContainerStartFailed(error="not started: stopped before it ran", **common)
+        if (task, attempt) in self.never_ran:
+            return None  # answered already (a stop before it ran, or a failed start)
         message = self.start_errors.pop(task, None)
         self.latest[task] = max(attempt, self.latest.get(task, 0))
         if message is not None:
+            self.never_ran.add((task, attempt))
             return ev.ContainerStartFailed(error=message, **common)
         container = SimContainer(
             task, attempt, node.name, command.gpu_uuids, f"sim-{task}-{attempt}"
@@ -259,8 +261,8 @@ class SimRuntime:
     def _stop(self, node: SimNode, command: StopCommand) -> list[ev.Event]:
         key = (command.task_id, command.attempt)
         container = self.containers.get(key)
-        if container is None and key not in self.stopped_unstarted:
-            self.stopped_unstarted.add(key)  # never ran here: the engine waits to hear it
+        if container is None and key not in self.never_ran:
+            self.never_ran.add(key)  # never ran here: the engine waits to hear it
             now = self.clock.now()
             return [
                 ev.ContainerStartFailed(

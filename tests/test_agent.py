@@ -250,37 +250,86 @@ async def test_a_stop_with_no_grace_kills_a_process_that_ignores_sigterm(
     assert exited.event.at - started.event.at < timedelta(seconds=30)
 
 
+async def log_cancel(node: Node, task_id: str) -> ev.TaskCancelled:
+    cancelled = ev.TaskCancelled(id=new_id(), at=datetime.now(UTC), actor="api",
+                                 task_id=task_id, reason="owner")  # fmt: skip
+    await node.log.append(ev.task_subject(task_id), [cancelled])
+    return cancelled
+
+
+def stop_for(node: Node, run: RunCommand, cause: str) -> StopCommand:
+    return StopCommand(id=new_id(), node=node.name, task_id=run.task_id, attempt=run.attempt,
+                       causation_id=cause, reason="cancelled: owner")  # fmt: skip
+
+
+def containers_of(client: docker.DockerClient, task_id: str) -> list[Any]:
+    return client.containers.list(all=True, filters={"label": [f"{TASK_LABEL}={task_id}"]})
+
+
 @pytest.mark.docker
 async def test_an_attempt_cancelled_before_its_run_arrived_is_never_started(
     node: Node, test_image: str, docker_client: docker.DockerClient
 ) -> None:
     """The stop reaches the agent before the run (a run redelivered after an agent died
     mid-run): the stop finds nothing and says the attempt never started, so the engine
-    can give its GPUs back; the run that follows is refused, not started on them."""
+    can give its GPUs back; the run that follows starts nothing and says nothing more."""
+    agent = await node.start()
+    run = await node.log_attempt(test_image, ["sh", "-c", "sleep 60"])
+    cancelled = await log_cancel(node, run.task_id)
+    assert await agent.handle(stop_for(node, run, cancelled.id))
+    assert await agent.handle(run)
+    events = await task_events(node.log, run.task_id)
+    [never] = [e for e in events if isinstance(e, ev.ContainerStartFailed)]
+    assert never.error == "not started: stopped before its container started"
+    assert never.causation_id == cancelled.id
+    assert not any(isinstance(e, ev.ContainerStarted) for e in events)
+    assert containers_of(docker_client, run.task_id) == []
+
+
+@pytest.mark.docker
+async def test_a_run_for_a_cancelled_attempt_is_refused_before_any_container(
+    node: Node, test_image: str, docker_client: docker.DockerClient
+) -> None:
+    """The cancel is logged and the run comes before the stop: it is refused with a
+    start failure that says why, and the stop then finds nothing more to answer."""
+    agent = await node.start()
+    run = await node.log_attempt(test_image, ["sh", "-c", "sleep 60"])
+    cancelled = await log_cancel(node, run.task_id)
+    assert await agent.handle(run)
+    assert await agent.handle(stop_for(node, run, cancelled.id))
+    events = await task_events(node.log, run.task_id)
+    [refused] = [e for e in events if isinstance(e, ev.ContainerStartFailed)]
+    assert (
+        refused.error
+        == f"not started: task {run.task_id} was cancelled before its container started"
+    )
+    assert containers_of(docker_client, run.task_id) == []
+
+
+@pytest.mark.docker
+async def test_a_container_removed_while_its_agent_was_down_is_answered_at_its_stop(
+    node: Node, test_image: str, docker_client: docker.DockerClient
+) -> None:
+    """Review finding: its start is logged, then it is removed by hand while the agent
+    is down, so no exit is ever seen. The stop that finds nothing answers with an exit
+    of unknown code (the engine gives the GPUs back on it), and a redelivered run does
+    not start a new, unsupervised container."""
     await node.start()
     run = await node.log_attempt(test_image, ["sh", "-c", "sleep 60"])
-    cancelled = ev.TaskCancelled(id=new_id(), at=datetime.now(UTC), actor="api",
-                                 task_id=run.task_id, reason="owner")  # fmt: skip
-    await node.log.append(ev.task_subject(run.task_id), [cancelled])
-    stop = StopCommand(id=new_id(), node=node.name, task_id=run.task_id, attempt=1,
-                       causation_id=cancelled.id, reason="cancelled: owner")  # fmt: skip
-    await node.bus.send(stop)
-    never = await wait_event(node.log, about(run.task_id, ev.ContainerStartFailed))
-    assert isinstance(never.event, ev.ContainerStartFailed)
-    assert never.event.error == "not started: stopped before its container started"
-    assert never.event.causation_id == cancelled.id
-
     await node.bus.send(run)
-    refused = await wait_event(
-        node.log,
-        lambda e: about(run.task_id, ev.ContainerStartFailed)(e) and e.id != never.event.id,
-    )
-    assert isinstance(refused.event, ev.ContainerStartFailed)
-    assert "was cancelled before its container started" in refused.event.error
-    labels = [f"{TASK_LABEL}={run.task_id}"]
-    assert docker_client.containers.list(all=True, filters={"label": labels}) == []
-    kinds = [ev.type_of(e) for e in await task_events(node.log, run.task_id)]
-    assert "container.started" not in kinds
+    started = await wait_event(node.log, about(run.task_id, ev.ContainerStarted))
+    await node.stop()
+    docker_client.api.remove_container(started.event.container_id, force=True)
+    agent = await node.start()
+    cancelled = await log_cancel(node, run.task_id)
+    assert await agent.handle(stop_for(node, run, cancelled.id))
+    assert await agent.handle(run)  # as if redelivered
+    events = await task_events(node.log, run.task_id)
+    [gone] = [e for e in events if isinstance(e, ev.ContainerExited)]
+    assert gone.exit_code is None and gone.error.startswith("container gone")
+    assert gone.container_id == started.event.container_id
+    assert [type(e) for e in events].count(ev.ContainerStarted) == 1
+    assert containers_of(docker_client, run.task_id) == []
 
 
 @pytest.mark.docker
