@@ -11,7 +11,15 @@ from typing import Any
 
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.policy import DEFAULT_POLICY, Policy
-from gpuwarden.engine.supervisor import State, decide, evolve, initial_state, next_due
+from gpuwarden.engine.supervisor import (
+    State,
+    decide,
+    decide_many,
+    evolve,
+    initial_state,
+    next_due,
+    reconcile,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -32,7 +40,11 @@ class Driver:
         self.state: State = initial_state(policy)
         self.now = T0
         self.log: list[ev.Event] = []
-        self.decisions: list[tuple[int, str, list[ev.Event]]] = []  # (basis, trigger, group)
+        # (basis, trigger, group); trigger: an event id, "timer", "reconcile", or the
+        # ids of a round that decided on several folded events at once
+        self.decisions: list[tuple[int, str | tuple[str, ...], list[ev.Event]]] = []
+        self.down = False  # the engine is down: events are logged, nothing decides
+        self.batch: list[ev.Event] | None = None  # events folded for one round
         self._n = 0
 
     def _id(self) -> str:
@@ -49,25 +61,47 @@ class Driver:
         self.log.append(event)
         evolve(self.state, event)
         check_indexes(self.state)
+        if self.down:
+            return
+        if self.batch is not None:
+            self.batch.append(event)
+            return
         self._decide(event)
 
-    def _decide(self, trigger: ev.Event | None) -> None:
-        basis = len(self.log)
-        group = decide(self.state, trigger, self.now)
+    def decide_batch(self) -> None:
+        """One round on everything folded since the batch began (as the engine loop
+        does when several events arrive between two rounds)."""
+        triggers, self.batch = tuple(self.batch or ()), None
+        if triggers:
+            self._record(tuple(e.id for e in triggers), decide_many(self.state, triggers, self.now))
+
+    def restart(self) -> None:
+        """A new engine: the fold of the log from scratch, then its startup sweep."""
+        self.down = False
+        self.state = initial_state(self.state.policy, self.state.table)
+        for event in self.log:
+            evolve(self.state, event)
+        check_indexes(self.state)
+        self._record("reconcile", reconcile(self.state, self.now))
+
+    def _record(self, trigger: str | tuple[str, ...], group: list[ev.Event]) -> None:
         if not group:
             return
-        self.decisions.append((basis, trigger.id if trigger else "timer", group))
+        self.decisions.append((len(self.log), trigger, group))
         for event in group:
             self.log.append(event)
             evolve(self.state, event)
             check_indexes(self.state)
-        check_indexes(self.state)
         for event in group:
             self._decide(event)
 
+    def _decide(self, trigger: ev.Event | None) -> None:
+        group = decide(self.state, trigger, self.now)
+        self._record(trigger.id if trigger else "timer", group)
+
     def advance(self, seconds: float) -> None:
         target = self.now + timedelta(seconds=seconds)
-        while (due := next_due(self.state)) is not None and due <= target:
+        while not self.down and (due := next_due(self.state)) is not None and due <= target:
             self.now = max(self.now, due)
             self._decide(None)
         self.now = target

@@ -1,10 +1,12 @@
 """Properties of the supervisor over random histories (hypothesis).
 
 Random clusters, submissions, exits, Xids, node losses, cancellations and time go
-through the in-memory driver; whatever the order, the log must replay to the same
-decisions, never hand one GPU to two live attempts, never exceed the rebuild budget
-and never leave a finished attempt holding GPUs (but for a process hung on a failed GPU,
-until its kill is logged).
+through the in-memory driver, decided event by event, several events to a round, or
+by an engine restarted after it missed some (its fold and startup sweep); whatever
+the order, the log must replay to the same decisions, never hand one GPU to two live
+attempts, never exceed the rebuild budget, never cite a cause that is not logged,
+and never leave a finished attempt holding GPUs (but for one gpuwarden ended while
+its process may still run, until its exit, start failure or node loss is logged).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from gpuwarden.engine.supervisor import (
     State,
     awaits_kill,
     decide,
+    decide_many,
     evolve,
     initial_state,
     next_due,
+    reconcile,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -85,6 +89,14 @@ step = st.one_of(
     st.tuples(st.just("stranger"), st.integers(0, 5)),
     st.tuples(st.just("advance"), st.sampled_from(SECONDS)),
     st.tuples(st.just("advance"), st.sampled_from(SECONDS)),
+    # the engine's own shapes: several events decided in one round, a node that is
+    # lost and back before its loss is decided, an engine down while events arrive
+    st.tuples(st.just("flap"), index),
+    st.tuples(st.just("crash")),
+    st.tuples(st.just("restart")),
+)
+batched = st.tuples(st.just("batch"), step, step).filter(
+    lambda b: not any(a[0] in ("advance", "crash", "restart", "flap") for a in b[1:])
 )
 clusters = st.lists(st.tuples(st.integers(1, 4), st.sampled_from(MODELS)), min_size=1, max_size=4)
 histories = st.tuples(
@@ -92,7 +104,7 @@ histories = st.tuples(
     clusters,
     st.tuples(
         st.lists(submit, min_size=1, max_size=6),
-        st.lists(st.one_of(step, live, live, submit), min_size=25, max_size=120),
+        st.lists(st.one_of(step, live, live, submit, batched), min_size=25, max_size=120),
     ).map(lambda parts: parts[0] + parts[1]),
 )
 
@@ -103,6 +115,9 @@ histories = st.tuples(
 def advance(d: Driver, seconds: float) -> None:
     """Driver.advance, but a timer that is due and decides nothing fails the test."""
     target = d.now + timedelta(seconds=seconds)
+    if d.down:  # no engine, no timers
+        d.now = target
+        return
     for _ in range(10_000):
         due = next_due(d.state)
         if due is None or due > target:
@@ -130,6 +145,26 @@ def play(d: Driver, action: tuple[Any, ...]) -> None:
     kind = action[0]
     if kind == "submit":
         d.submit(f"t{len(tasks)}", gpus=action[1], gpu_model=action[2])
+    elif kind == "crash":
+        d.down = True
+    elif kind == "restart":
+        if d.down:
+            d.restart()
+    elif kind == "batch":
+        if d.down:
+            return
+        d.batch = []
+        play(d, action[1])
+        play(d, action[2])
+        d.decide_batch()
+    elif kind == "flap":
+        node = pick(nodes, action[1])
+        if d.down or not d.state.nodes[node].alive:
+            return
+        d.batch = []
+        d.emit(ev.NodeLost, node=node, last_heartbeat_at=d.now - timedelta(seconds=3))
+        d.emit(ev.NodeRecovered, node=node, last_heartbeat_at=d.now)
+        d.decide_batch()
     elif kind == "advance":
         advance(d, action[1])
     elif kind == "stranger":
@@ -227,9 +262,14 @@ def run_history(history: tuple[Policy, list[tuple[int, str]], list[Any]]) -> Dri
         d.node(f"n{i}", gpus, model=model)
     for action in steps:
         play(d, action)
-        check_no_finished_attempt_holds_gpus(d.state)
+        if not d.down:  # a down engine has not decided on what it missed yet
+            check_no_finished_attempt_holds_gpus(d.state)
+            check_ended_attempts_let_go(d)
+    if d.down:
+        d.restart()
     advance(d, 24 * 3600)  # let every timer run out
     check_no_finished_attempt_holds_gpus(d.state)
+    check_ended_attempts_let_go(d)
     return d
 
 
@@ -250,6 +290,24 @@ def check_no_finished_attempt_holds_gpus(state: State) -> None:
         assert attempt.classified is None, f"{uuid} held by {task_id}/{n}, already classified"
 
 
+def check_ended_attempts_let_go(d: Driver) -> None:
+    """An ended attempt that still holds GPUs (awaits_kill) has no exit or start
+    failure logged, and its node has not been lost since it was scheduled there."""
+    position = {e.id: i for i, e in enumerate(d.log)}
+    losses = [(i, e.node) for i, e in enumerate(d.log) if isinstance(e, ev.NodeLost)]
+    for uuid, gpu in d.state.gpus.items():
+        if gpu.holder is None:
+            continue
+        task = d.state.tasks[gpu.holder[0]]
+        attempt = task.attempts[gpu.holder[1]]
+        if attempt.classified is None and not attempt.stop_requested:
+            continue
+        assert attempt.exited is None and attempt.start_failed is None, f"{uuid} kept"
+        since = position[attempt.scheduled.id]
+        lost = [i for i, node in losses if node == attempt.node and i > since]
+        assert not lost, f"{uuid} kept by {gpu.holder} after its node's loss at {lost[0]}"
+
+
 def check_replay(d: Driver) -> int:
     """Fold the decoded log from scratch and re-derive every recorded decision group.
 
@@ -264,9 +322,15 @@ def check_replay(d: Driver) -> int:
     for i, event in enumerate(log):
         if i in groups:
             trigger_id, group = groups[i]
-            trigger = None if trigger_id == "timer" else by_id[trigger_id]
             before = copy.deepcopy(state) if i % 4 == 0 else None
-            assert decide(state, trigger, group[0].at) == group
+            now = group[0].at
+            if trigger_id == "reconcile":
+                assert reconcile(state, now) == group
+            elif isinstance(trigger_id, tuple):
+                assert decide_many(state, [by_id[t] for t in trigger_id], now) == group
+            else:
+                trigger = None if trigger_id == "timer" else by_id[trigger_id]
+                assert decide(state, trigger, now) == group
             if before is not None:
                 assert state == before, "decide mutated the state"
         if isinstance(event, ev.GpuAllocated):
