@@ -379,7 +379,7 @@ class Agent:
                     stopped = await self.runtime.stop(
                         command.task_id, command.attempt, max(0.0, grace)
                     )
-                    if not stopped:
+                    if not await self._any_ever_started(command, stopped):
                         await self._stopped_nothing(command)
                 case RemoveCommand():
                     await self.runtime.remove(command.task_id, command.attempt)
@@ -459,6 +459,21 @@ class Agent:
         if task.status in TERMINAL:
             return f"task {task_id} already {task.status}"
         return None
+
+    async def _any_ever_started(self, command: StopCommand, stopped: list[str]) -> bool:
+        """Whether any of the attempt's stopped containers ever ran. Ones that never did
+        (created by an agent killed before it started them) are removed: the attempt
+        then counts as never started here, and is answered as such."""
+        ran = False
+        for container_id in stopped:
+            try:
+                info = await self.runtime.inspect_exit(container_id)
+            except ContainerRuntimeError:
+                continue  # gone meanwhile
+            ran = ran or info.running or info.started_at is not None
+        if stopped and not ran:
+            await self.runtime.remove(command.task_id, command.attempt)
+        return ran
 
     async def _stopped_nothing(self, command: StopCommand) -> None:
         """A stop that found no container: say what became of the attempt, if the log

@@ -333,6 +333,33 @@ async def test_a_container_removed_while_its_agent_was_down_is_answered_at_its_s
 
 
 @pytest.mark.docker
+async def test_a_container_created_but_never_started_counts_as_never_started(
+    node: Node, test_image: str, docker_client: docker.DockerClient
+) -> None:
+    """Review finding: an agent killed between creating a container and starting it
+    leaves it in Docker's "created" state. A stop then 'stops' it without a word, and
+    the cancelled attempt's GPUs waited for the run's redelivery. Now the created
+    container is removed and the attempt answered as never started."""
+    agent = await node.start()
+    run = await node.log_attempt(test_image, ["sh", "-c", "sleep 60"])
+    labels = {
+        **node.runtime.extra_labels,
+        TASK_LABEL: run.task_id,
+        ATTEMPT_LABEL: "1",
+        NODE_LABEL: node.name,
+    }
+    docker_client.containers.create(test_image, ["sh", "-c", "sleep 60"], labels=labels)
+    cancelled = await log_cancel(node, run.task_id)
+    assert await agent.handle(stop_for(node, run, cancelled.id))
+    events = await task_events(node.log, run.task_id)
+    [never] = [e for e in events if isinstance(e, ev.ContainerStartFailed)]
+    assert never.error == "not started: stopped before its container started"
+    assert containers_of(docker_client, run.task_id) == []
+    assert await agent.handle(run)  # redelivered: answered already, nothing starts
+    assert containers_of(docker_client, run.task_id) == []
+
+
+@pytest.mark.docker
 async def test_memory_limit_breach_is_oom_killed(node: Node, test_image: str) -> None:
     await node.start()
     hog = ["sh", "-c", "x=a; while true; do x=$x$x; done"]
