@@ -76,8 +76,12 @@ class ApiService:
         workers: int = 64,
         sync_timeout_s: float = 5.0,
         ready_timeout_s: float = 300.0,
+        shared: bool = False,
     ) -> None:
+        """`shared`: another reader in this process (the engine) feeds `follow()` and
+        sets `ready` once it has caught up; no subscription of its own."""
         self.nc = nc
+        self.shared = shared
         self.log = log
         self.clock = clock
         self.ids = ids
@@ -107,17 +111,21 @@ class ApiService:
             self.requests.setdefault((event.owner, event.request_id), event.task_id)
         evolve(self.state, event)
 
+    def follow(self, record: StoredEvent) -> None:
+        """Fold one record of the log, in order, and wake whoever waits on progress."""
+        self.fold(record)
+        self._progress.set()
+        self._progress = anyio.Event()
+
     async def _follow(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         end = await self.log.last_seq()
         if end == 0:
             self.ready.set()
         task_status.started()
         async for record in self.log.subscribe(1):
-            self.fold(record)
+            self.follow(record)
             if record.seq >= end and not self.ready.is_set():
                 self.ready.set()
-            self._progress.set()
-            self._progress = anyio.Event()
 
     async def wait_folded(self, seq: int, timeout_s: float | None = None) -> None:
         with anyio.fail_after(timeout_s or self.sync_timeout_s):
@@ -144,7 +152,8 @@ class ApiService:
             await send.send(msg)
 
         async with anyio.create_task_group() as tg:
-            await tg.start(self._follow)
+            if not self.shared:
+                await tg.start(self._follow)
             with anyio.fail_after(self.ready_timeout_s):
                 await self.ready.wait()
             for _ in range(self.workers):

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import NoReturn, Protocol
 
@@ -114,6 +114,9 @@ class Engine:
         self.deciding = False  # a round is between deciding and its append's ack
         self.reconcile_due = False  # the startup sweep could not be stored yet
         self.caught_up = anyio.Event()
+        # In-process followers of the same read of the log (the task API), each record
+        # once and in order, as it is read: one subscription serves them all.
+        self.taps: list[Callable[[StoredEvent], None]] = []
         self.progress = anyio.Event()  # set (and replaced) after each fold batch
         self.outbox: list[Command] = []  # commands for the dispatcher, in decision order
         self._outbox_ready = anyio.Event()
@@ -312,6 +315,7 @@ class Engine:
     async def catch_up(self) -> None:
         """Fold the whole log without deciding (the decisions are in it already)."""
         async for record in self.log.read(self.folded + 1):
+            self._tap(record)
             await self._fold(record)
 
     async def start_live(self) -> None:
@@ -366,7 +370,12 @@ class Engine:
     async def _pump(self, send: MemoryObjectSendStream[StoredEvent], from_seq: int) -> None:
         async with send:
             async for record in self.log.subscribe(from_seq):
+                self._tap(record)
                 await send.send(record)
+
+    def _tap(self, record: StoredEvent) -> None:
+        for tap in self.taps:
+            tap(record)
 
     async def _loop(self, receive: MemoryObjectReceiveStream[StoredEvent]) -> None:
         while True:

@@ -111,13 +111,18 @@ async def serve_engine(
             metrics=metrics,
             liveness=liveness,
         )
+        api = None
+        if not getattr(args, "no_api", False):
+            from gpuwarden.adapters.api_service import ApiService
+
+            # The API folds the engine's own read of the log: one subscription, not two.
+            api = ApiService(nc, event_log, clock, shared=True)
+            engine.taps.append(api.follow)
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             tg.start_soon(feed_liveness, NatsHeartbeats(nc), liveness, clock)
-            if not getattr(args, "no_api", False):
-                from gpuwarden.adapters.api_service import ApiService
-
-                api = ApiService(nc, event_log, clock)
+            if api is not None:
+                api.ready.set()  # the engine has caught up, and the API with it
                 tg.start_soon(api.serve)
             if getattr(args, "metrics_port", None) is not None:
                 port = await tg.start(serve_metrics, metrics, args.metrics_port, args.metrics_host)

@@ -240,3 +240,35 @@ async def test_cli_says_plainly_when_no_service_answers(
     err = capsys.readouterr().err
     assert "no gpuwarden engine is answering on gw.api.task.create" in err
     assert "gpuwarden up" in err
+
+
+async def test_in_the_engine_process_the_api_folds_the_engines_own_read(
+    nats_client: NatsClient, event_log: JetStreamEventLog, command_bus: Any
+) -> None:
+    """`gpuwarden engine` runs the API on the engine's read of the log (one consumer on
+    GW_EVENTS, not two): a task created through it is placed by the engine, and the API
+    reads its own write and the engine's decision back."""
+    from gpuwarden.engine.runtime import Engine
+
+    await register(event_log, "n1", 1)
+    engine = Engine(event_log, command_bus, VirtualClock(T0))
+    service = ApiService(nats_client, event_log, VirtualClock(T0), shared=True)
+    engine.taps.append(service.follow)
+    engine_task = asyncio.create_task(engine.run())
+    with anyio.fail_after(10):
+        await engine.caught_up.wait()
+    service.ready.set()
+    api_task = await start_service(service)
+    try:
+        created = await ask(nats_client, CREATE, {**TASK, "name": "job", "owner": "ada"})
+        task_id = created["task_id"]
+        await engine.wait_idle(timeout_s=10)  # placed: the API folded that read first
+        got = (await ask(nats_client, GET, {"task_id": task_id}))["task"]
+        assert (got["status"], got["gpu_uuids"]) == ("running", ["n1-0"])
+        last = (await event_log.js.stream_info(ev.EVENTS_STREAM)).state.last_seq
+        consumers = await event_log.js.consumers_info(ev.EVENTS_STREAM)
+        live = [c for c in consumers if c.delivered.stream_seq == last]  # not catch-up's
+        assert len(live) == 1, "the API opened a read of its own"
+    finally:
+        await stop(api_task)
+        await stop(engine_task)
