@@ -379,7 +379,7 @@ class Agent:
                     stopped = await self.runtime.stop(
                         command.task_id, command.attempt, max(0.0, grace)
                     )
-                    if not await self._any_ever_started(command, stopped):
+                    if not await self._any_ever_started(stopped):
                         await self._stopped_nothing(command)
                 case RemoveCommand():
                     await self.runtime.remove(command.task_id, command.attempt)
@@ -460,20 +460,27 @@ class Agent:
             return f"task {task_id} already {task.status}"
         return None
 
-    async def _any_ever_started(self, command: StopCommand, stopped: list[str]) -> bool:
+    async def _any_ever_started(self, stopped: list[str]) -> bool:
         """Whether any of the attempt's stopped containers ever ran. Ones that never did
-        (created by an agent killed before it started them) are removed: the attempt
-        then counts as never started here, and is answered as such."""
-        ran = False
+        (created by an agent killed before it started them) are removed, one by one and
+        without force: the attempt then counts as never started here, and is answered
+        as such. Whatever cannot be told or removed counts as having run (no answer;
+        its exit, if any, comes through the watcher)."""
+        never = []
         for container_id in stopped:
             try:
                 info = await self.runtime.inspect_exit(container_id)
             except ContainerRuntimeError:
-                continue  # gone meanwhile
-            ran = ran or info.running or info.started_at is not None
-        if stopped and not ran:
-            await self.runtime.remove(command.task_id, command.attempt)
-        return ran
+                return True  # a daemon hiccup is no proof it never ran
+            if info.running or info.started_at is not None:
+                return True
+            never.append(container_id)
+        for container_id in never:
+            try:
+                await self.runtime.discard(container_id)
+            except ContainerRuntimeError:
+                return True  # started meanwhile, by someone else: it runs
+        return False
 
     async def _stopped_nothing(self, command: StopCommand) -> None:
         """A stop that found no container: say what became of the attempt, if the log

@@ -436,6 +436,18 @@ class DockerRuntime:
 
     # --- exits -----------------------------------------------------------------------
 
+    async def discard(self, container_id: str) -> None:
+        """Remove one container that never ran; Docker refuses (an error) if it runs."""
+        await anyio.to_thread.run_sync(self._discard_blocking, container_id)
+
+    def _discard_blocking(self, container_id: str) -> None:
+        try:
+            self.client.api.remove_container(container_id, force=False)
+        except NotFound:
+            pass
+        except ENGINE_ERRORS as exc:
+            raise ContainerRuntimeError(_daemon_text(exc)) from None
+
     async def inspect_exit(self, container_id: str) -> ExitInfo:
         return await anyio.to_thread.run_sync(self._inspect_blocking, container_id)
 

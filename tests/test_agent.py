@@ -35,6 +35,7 @@ from gpuwarden.adapters.nvml_probe import declared_inventory
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import SystemClock
 from gpuwarden.engine.commands import RunCommand, StopCommand
+from gpuwarden.engine.errors import ContainerRuntimeError
 from gpuwarden.engine.ids import new_id
 from gpuwarden.engine.liveness import Liveness
 from gpuwarden.engine.ports import StoredEvent
@@ -357,6 +358,52 @@ async def test_a_container_created_but_never_started_counts_as_never_started(
     assert containers_of(docker_client, run.task_id) == []
     assert await agent.handle(run)  # redelivered: answered already, nothing starts
     assert containers_of(docker_client, run.task_id) == []
+
+
+@pytest.mark.docker
+async def test_a_stop_never_removes_a_container_it_cannot_prove_never_ran(
+    node: Node, test_image: str, docker_client: docker.DockerClient
+) -> None:
+    """Review finding: a daemon error while inspecting what a stop stopped counted as
+    'gone', and a container that ran was force-removed; a created container that
+    someone started between the inspect and the removal was removed too. Both now
+    count as having run: kept, and no 'not started' or 'container gone' is said."""
+    agent = await node.start()
+    ran = await node.send_run(test_image, ["sh", "-c", "sleep 60"])
+    await wait_event(node.log, about(ran.task_id, ev.ContainerStarted))
+    real_inspect = node.runtime.inspect_exit
+
+    async def hiccup(container_id: str) -> Any:
+        raise ContainerRuntimeError("read timed out")
+
+    node.runtime.inspect_exit = hiccup  # type: ignore[method-assign]
+    try:
+        assert await agent.handle(stop_for(node, ran, "c1"))
+    finally:
+        node.runtime.inspect_exit = real_inspect  # type: ignore[method-assign]
+    assert len(containers_of(docker_client, ran.task_id)) == 1
+
+    created = await node.log_attempt(test_image, ["sh", "-c", "sleep 60"])
+    labels = {**node.runtime.extra_labels, TASK_LABEL: created.task_id, ATTEMPT_LABEL: "1",
+              NODE_LABEL: node.name}  # fmt: skip
+    container = docker_client.containers.create(test_image, ["sleep", "60"], labels=labels)
+
+    async def started_meanwhile(container_id: str) -> Any:
+        info = await real_inspect(container_id)
+        container.start()  # as another process would, between the inspect and the removal
+        return info
+
+    node.runtime.inspect_exit = started_meanwhile  # type: ignore[method-assign]
+    try:
+        assert await agent.handle(stop_for(node, created, "c2"))
+    finally:
+        node.runtime.inspect_exit = real_inspect  # type: ignore[method-assign]
+    container.reload()
+    assert container.status == "running"
+    for task_id in (ran.task_id, created.task_id):
+        events = await task_events(node.log, task_id)
+        assert not any(isinstance(e, ev.ContainerStartFailed) for e in events)
+        assert not any(isinstance(e, ev.ContainerExited) and e.error for e in events)
 
 
 @pytest.mark.docker
