@@ -24,7 +24,13 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 from gpuwarden.engine.errors import ConcurrencyError, GpuwardenError, TaskRequestError
-from gpuwarden.engine.events import TaskCancelled, TaskSubmitted, task_subject, to_builtins
+from gpuwarden.engine.events import (
+    TaskCancelled,
+    TaskSubmitted,
+    encode,
+    task_subject,
+    to_builtins,
+)
 from gpuwarden.engine.ids import new_id
 from gpuwarden.engine.intake import (
     ClusterShape,
@@ -34,6 +40,7 @@ from gpuwarden.engine.intake import (
     validate_create,
 )
 from gpuwarden.engine.ports import Clock, EventLog, StoredEvent
+from gpuwarden.engine.runtime import MAX_EVENT_BYTES
 from gpuwarden.engine.supervisor import TERMINAL, State, TaskState, evolve, initial_state
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -221,6 +228,13 @@ class ApiService:
         now = self.clock.now()
         task_id = task_id_for_request(*key) if key is not None else self.ids(now)
         event = valid.to_event(task_id, self.ids(now), now, ACTOR)
+        size = len(encode(event))
+        if size > MAX_EVENT_BYTES:  # the engine would dead-letter it: the task never runs
+            raise ApiRequestError(
+                "invalid",
+                f"the task is too large: its task.submitted would be {size} bytes, over "
+                f"the engine's limit of {MAX_EVENT_BYTES}",
+            )
         try:
             (seq,) = await self.log.append(task_subject(task_id), [event], 0)
         except ConcurrencyError:

@@ -102,6 +102,8 @@ async def test_create_answers_with_the_task_id_once_submitted_is_stored(
         ({**TASK, "gpus": 3}, "gpus", "largest node has 2"),
         ({**TASK, "gpu_model": "B200"}, "gpu_model", "known models: H100"),
         ({**TASK, "shell": True}, "shell", "unknown field"),
+        # under the request limit, but its stored event would be over the engine's
+        ({**TASK, "command": ["\x01" * 43677]}, None, "too large"),
     ],
 )
 async def test_a_bad_request_names_the_field_and_stores_nothing(
