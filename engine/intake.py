@@ -235,7 +235,7 @@ def _image(value: object) -> str:
         raise TaskRequestError("image must be a non-empty string", field="image")
     if len(value) > MAX_IMAGE_CHARS:
         raise TaskRequestError(f"image is longer than {MAX_IMAGE_CHARS} characters", field="image")
-    if not _IMAGE.match(value):
+    if not _IMAGE.fullmatch(value):
         raise TaskRequestError(
             f"image {value!r} is not a valid image reference "
             "([registry/]name[:tag][@sha256:digest], lower-case name)",
@@ -371,7 +371,7 @@ def _env(value: object) -> dict[str, str]:
     env: dict[str, str] = {}
     size = 0
     for key, val in value.items():
-        if not isinstance(key, str) or not _ENV_NAME.match(key):
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
             raise TaskRequestError(
                 f"env name {key!r} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)",
                 field=f"env.{key}",
@@ -409,7 +409,7 @@ def _request_id(value: object) -> str | None:
             f"request_id must be a non-empty string of at most {MAX_TEXT_CHARS} characters",
             field="request_id",
         )
-    if not _REQUEST_ID.match(value):
+    if not _REQUEST_ID.fullmatch(value):
         raise TaskRequestError(
             "request_id may hold letters, digits and . _ : / @ + = - only", field="request_id"
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
-PURE_MODULES = ["events", "commands", "faults", "policy", "placement", "supervisor"]
+PURE_MODULES = ["events", "admission", "commands", "faults", "policy", "placement", "supervisor"]
 FORBIDDEN = {
     "anyio",
     "asyncio",
