@@ -39,6 +39,7 @@ async def run_restore(args: argparse.Namespace) -> int:
         GpuQuarantined,
         GpuRestored,
         gpu_subject,
+        is_legacy_subject,
         node_subject,
         to_builtins,
     )
@@ -48,7 +49,8 @@ async def run_restore(args: argparse.Namespace) -> int:
     async with open_event_log(args) as log:
         subject = gpu_subject(args.gpu_uuid)
         records = [r async for r in log.read(subject=subject)]
-        last = records[-1].seq if records else 0
+        # The compare-and-set covers the GPU's scheme-2 subjects (events.py).
+        last = max((r.seq for r in records if not is_legacy_subject(r.subject)), default=0)
         quarantines = [r.event for r in records if isinstance(r.event, GpuQuarantined)]
         if not quarantines:
             raise GpuRestoreError(f"GPU {args.gpu_uuid} has never been quarantined")

@@ -24,6 +24,7 @@ import anyio
 import nats
 import nats.errors
 import nats.js.errors
+from gpuwarden.adapters.stream_guard import StreamIdentity, read_identity
 from gpuwarden.engine.commands import Command, decode_command, encode_command
 from gpuwarden.engine.errors import (
     ConcurrencyError,
@@ -37,6 +38,8 @@ from gpuwarden.engine.events import (
     EVENT_SUBJECTS,
     EVENTS_STREAM,
     Event,
+    aggregate_filter,
+    aggregate_of_subject,
     command_subject,
     decode,
     encode,
@@ -53,6 +56,9 @@ log = logging.getLogger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+# The subject (a wildcard here: the aggregate's `<aggregate>.>`) that the expectation is
+# checked against, instead of the subject the message is published on (server >= 2.11).
+EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 BATCH_ID = "Nats-Batch-Id"
 BATCH_SEQ = "Nats-Batch-Sequence"
 BATCH_COMMIT = "Nats-Batch-Commit"
@@ -78,15 +84,23 @@ async def connect(
     """A nats-py connection; `url` may list several servers separated by commas.
 
     Reconnects forever once connected, but the first connection has a deadline
-    (nats-py would otherwise retry an unreachable server forever).
+    (nats-py would otherwise retry an unreachable server forever). `creds` is a
+    credentials file: gpuwarden's own (adapters/auth.py: the principal's nkey seed, and
+    its own inbox prefix, the only inboxes its permissions let it read) or a NATS JWT
+    `.creds` file, handed to nats-py as it is.
     """
     servers = [part.strip() for part in url.split(",") if part.strip()]
     problems: list[str] = []
+    refused = anyio.CancelScope()  # a server that refuses who we are will not change its mind
 
     async def remember(exc: Exception) -> None:
         text = str(exc) or type(exc).__name__
         if text not in problems:  # a few distinct ones: "reset by peer" hides the cause
             problems[:] = [*problems[-2:], text]
+        if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in (
+            text.lower()
+        ):
+            refused.cancel()
         await _log_error(exc)
 
     settings: dict[str, Any] = {
@@ -96,13 +110,15 @@ async def connect(
         "connect_timeout": 2,
         "error_cb": remember,
     }
-    settings.update(options)
     if creds:
-        settings["user_credentials"] = creds
+        from gpuwarden.adapters.auth import connect_options, load_credentials
+
+        settings.update(connect_options(load_credentials(creds)))
+    settings.update(options)
     if tls_ca or tls_cert:
         settings["tls"] = _tls_context(tls_ca, tls_cert, tls_key)
     try:
-        with anyio.fail_after(deadline_s):
+        with anyio.fail_after(deadline_s), refused:
             return await nats.connect(servers, **settings)
     except TimeoutError:
         why = f" (errors seen: {'; '.join(problems)})" if problems else ""
@@ -110,6 +126,15 @@ async def connect(
     except (OSError, nats.errors.Error) as exc:
         reason = str(exc) or type(exc).__name__
         raise EventLogError(f"cannot connect to NATS at {url}: {reason}") from exc
+    from gpuwarden.adapters.auth import ConnectRefusedError
+
+    if creds:
+        who = f"the credentials in {creds}"
+    else:
+        who = "the user in the URL" if "@" in url else "a client without credentials"
+    raise ConnectRefusedError(
+        f"NATS at {url} refused {who}: authorization violation", url=url, creds=creds
+    )
 
 
 def _tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
@@ -359,7 +384,11 @@ class JetStreamEventLog:
                 # "no suitable peers for placement" (10005) and friends: a JetStream
                 # cluster whose servers have not all met yet. Try again until the deadline.
                 if anyio.current_time() >= deadline:
-                    raise EventLogError(f"cannot create stream {config.name}: {exc}") from exc
+                    raise EventLogError(
+                        f"cannot create stream {config.name}: {exc or type(exc).__name__} "
+                        "(only the engine and admin may create streams: start the engine "
+                        "first)"
+                    ) from exc
                 await anyio.sleep(0.2)
         if info is not None:
             check_compatible(config, info.config)
@@ -386,11 +415,15 @@ class JetStreamEventLog:
         expected_last_subject_seq: int | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> list[int]:
-        """Append to one subject: one event is a publish; several with an expectation are
-        an atomic batch, so a stale expectation stores none of them; several without one
-        are pipelined."""
+        """Append events of one aggregate, each on its own subject (`subject_of`): one
+        event is a publish; several with an expectation are an atomic batch, so a stale
+        expectation stores none of them; several without one are pipelined.
+
+        `subject` names the aggregate (a scheme-2 subject under it works too), and the
+        expectation is its last sequence over `<aggregate>.>`."""
         if not events:
             return []
+        subject = aggregate_of_subject(subject)
         if expected_last_subject_seq is not None and len(events) > 1:
             return await self._append_guarded(subject, events, expected_last_subject_seq, headers)
         return await self._append_pipelined(subject, events, expected_last_subject_seq, headers)
@@ -406,7 +439,7 @@ class JetStreamEventLog:
         for start in range(0, len(events), MAX_BATCH):
             chunk = events[start : start + MAX_BATCH]
             seqs += await self._commit_batch(
-                [subject] * len(chunk), chunk, {subject: expected}, headers
+                [subject_of(event) for event in chunk], chunk, {subject: expected}, headers
             )
             expected = seqs[-1]
         return seqs
@@ -426,7 +459,8 @@ class JetStreamEventLog:
                     hdr = {**base, MSG_ID: event.id}
                     if index == 0 and expected is not None:
                         hdr[EXPECTED_LAST_SUBJECT_SEQ] = str(expected)
-                    futures.append(await self._acks.publish(subject, encode(event), hdr))
+                        hdr[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = aggregate_filter(subject)
+                    futures.append(await self._acks.publish(subject_of(event), encode(event), hdr))
                 answers = [await future for future in futures]
         except TimeoutError:
             raise EventLogError(
@@ -456,10 +490,12 @@ class JetStreamEventLog:
     async def _stored_after(
         self, subject: str, after: int, events: Sequence[Event]
     ) -> list[int] | None:
-        """The sequences of `events` if they are the subject's next messages after `after`."""
+        """The sequences of `events` if they are the aggregate's next messages after `after`."""
         seqs: list[int] = []
         for event in events:
-            found = await self._get_msg({"seq": after + 1, "next_by_subj": subject})
+            found = await self._get_msg(
+                {"seq": after + 1, "next_by_subj": aggregate_filter(subject)}
+            )
             if found is None or found.headers.get(MSG_ID) != event.id:
                 return None
             after = found.seq
@@ -471,7 +507,7 @@ class JetStreamEventLog:
     ) -> Exception:
         if err_code in WRONG_LAST_SEQUENCE:
             match = _WRONG_SEQ_TEXT.search(description or "")
-            actual = int(match.group(1)) if match else await self.last_seq(subject)
+            actual = int(match.group(1)) if match else await self._cas_seq(subject)
             return ConcurrencyError(subject, expected, actual)
         return EventLogError(f"append to {subject} refused: {description} (error {err_code})")
 
@@ -486,6 +522,7 @@ class JetStreamEventLog:
         if len(events) > MAX_BATCH:
             raise EventLogError(f"an atomic batch holds at most {MAX_BATCH} events")
         subjects = [subject_of(event) for event in events]
+        expected = {aggregate_of_subject(key): seq for key, seq in expected.items()}
         return await self._commit_batch(subjects, events, expected, headers)
 
     async def _commit_batch(
@@ -495,7 +532,10 @@ class JetStreamEventLog:
         expected: Mapping[str, int],
         headers: Mapping[str, str] | None,
     ) -> list[int]:
-        """One JetStream atomic batch: stored whole at the commit, or not at all."""
+        """One JetStream atomic batch: stored whole at the commit, or not at all.
+
+        `expected` is keyed by aggregate; the first message of each aggregate carries its
+        expectation over `<aggregate>.>`."""
         batch_id = new_id()
         base = dict(headers or {})
         guarded: set[str] = set()
@@ -503,9 +543,11 @@ class JetStreamEventLog:
         try:
             for number, (subject, event) in enumerate(zip(subjects, events, strict=True), 1):
                 hdr = {**base, MSG_ID: event.id, BATCH_ID: batch_id, BATCH_SEQ: str(number)}
-                if subject in expected and subject not in guarded:
-                    hdr[EXPECTED_LAST_SUBJECT_SEQ] = str(expected[subject])
-                    guarded.add(subject)
+                aggregate = aggregate_of_subject(subject)
+                if aggregate in expected and aggregate not in guarded:
+                    hdr[EXPECTED_LAST_SUBJECT_SEQ] = str(expected[aggregate])
+                    hdr[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = aggregate_filter(aggregate)
+                    guarded.add(aggregate)
                 if number < last:
                     await self.nc.publish(subject, encode(event), headers=hdr)
                     continue
@@ -535,7 +577,7 @@ class JetStreamEventLog:
     async def _stale_batch(self, expected: Mapping[str, int]) -> ConcurrencyError:
         """Name the subject whose expectation was stale (the server's error does not)."""
         for subject, want in expected.items():
-            actual = await self.last_seq(subject)
+            actual = await self._cas_seq(subject)
             if actual != want:
                 return ConcurrencyError(subject, want, actual)
         subject, want = next(iter(expected.items()))
@@ -549,10 +591,14 @@ class JetStreamEventLog:
         A stored batch occupies consecutive sequences; find one of its messages, then
         check every id. Anything else means only some ids were stored before: refuse.
         """
-        anchor = next((i for i, s in enumerate(subjects) if s in expected), None)
+        anchor = next(
+            (i for i, s in enumerate(subjects) if aggregate_of_subject(s) in expected), None
+        )
         if anchor is not None:
-            subject = subjects[anchor]
-            found = await self._get_msg({"seq": expected[subject] + 1, "next_by_subj": subject})
+            aggregate = aggregate_of_subject(subjects[anchor])
+            found = await self._get_msg(
+                {"seq": expected[aggregate] + 1, "next_by_subj": aggregate_filter(aggregate)}
+            )
         else:
             anchor = len(events) - 1
             found = await self._get_msg({"last_by_subj": subjects[anchor]})
@@ -580,14 +626,26 @@ class JetStreamEventLog:
 
     # --- positions -------------------------------------------------------------------
 
+    async def stream_identity(self) -> StreamIdentity:
+        """GW_EVENTS's creation time, positions and limits, to check with
+        `stream_guard.stream_problem`; StreamMissingError when the stream is gone."""
+        return await read_identity(self.js)
+
     async def last_seq(self, subject: str | None = None) -> int:
+        """The stream's last sequence, or an aggregate's (either subject scheme)."""
         if subject is None:
             try:
                 info = await self.js.stream_info(EVENTS_STREAM)
             except (nats.errors.Error, TimeoutError) as exc:
                 raise EventLogError(f"cannot read {EVENTS_STREAM} info: {exc}") from exc
             return int(info.state.last_seq)
-        found = await self._get_msg({"last_by_subj": subject})
+        aggregate = aggregate_of_subject(subject)
+        legacy = await self._get_msg({"last_by_subj": aggregate})
+        return max(await self._cas_seq(aggregate), legacy.seq if legacy is not None else 0)
+
+    async def _cas_seq(self, aggregate: str) -> int:
+        """An aggregate's last sequence as its compare-and-set sees it (scheme 2 only)."""
+        found = await self._get_msg({"last_by_subj": aggregate_filter(aggregate)})
         return found.seq if found is not None else 0
 
     async def _get_msg(self, request: Mapping[str, Any]) -> _RawMsg | None:
@@ -656,13 +714,13 @@ class JetStreamEventLog:
             while True:
                 try:
                     return await self.js.subscribe(
-                        subject or EVENT_SUBJECTS,
+                        EVENT_SUBJECTS,
                         stream=EVENTS_STREAM,
                         cb=feed.put,
                         ordered_consumer=True,
                         idle_heartbeat=self.heartbeat_s,
                         deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                        config=api.ConsumerConfig(opt_start_seq=max(from_seq, 1)),
+                        config=_read_config(from_seq, subject),
                     )
                 except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
                     last = exc
@@ -670,6 +728,15 @@ class JetStreamEventLog:
                     raise EventLogError(f"cannot read {EVENTS_STREAM}: {exc}") from exc
                 await anyio.sleep(0.1)
         raise EventLogError(f"cannot read {EVENTS_STREAM}: {last or 'timed out'}")
+
+
+def _read_config(from_seq: int, subject: str | None) -> api.ConsumerConfig:
+    """From `from_seq` on; with `subject`, only that aggregate's messages, both schemes."""
+    config = api.ConsumerConfig(opt_start_seq=max(from_seq, 1))
+    if subject is not None:
+        aggregate = aggregate_of_subject(subject)
+        config.filter_subjects = [aggregate, aggregate_filter(aggregate)]
+    return config
 
 
 async def _unsubscribe(sub: Any) -> None:

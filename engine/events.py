@@ -301,15 +301,46 @@ def subject_token(value: str) -> str:
     return f"{cleaned}~{digest}"
 
 
+# Subjects, scheme 2: every event is stored under its aggregate (a task, a GPU, a node)
+# and, below that, under the writer that may say it, so that NATS permissions can say who
+# speaks: a node agent may publish only `gw.evt.*.*.node.<its node>`, an engine only
+# `gw.evt.*.*.engine`, the task API only `gw.evt.task.*.api`, an operator only
+# `gw.evt.gpu.*.op`. Which writer says an event follows from its type alone, so an event
+# has exactly one subject (`subject_of`) and admission refuses it anywhere else.
+#
+#   gw.evt.task.<task>.api          task.submitted, task.cancelled
+#   gw.evt.task.<task>.engine       task.pending/scheduled/completed/failed,
+#                                   fault.classified, rebuild.decided
+#   gw.evt.task.<task>.node.<node>  container.started/start_failed/exited
+#   gw.evt.gpu.<uuid>.engine        gpu.quarantined/allocated/released
+#   gw.evt.gpu.<uuid>.node.<node>   gpu.fault
+#   gw.evt.gpu.<uuid>.op            gpu.restored
+#   gw.evt.node.<node>.engine       node.lost, node.recovered
+#   gw.evt.node.<node>.node.<node>  node.registered
+#
+# Scheme 1 (logs written before it) stored each event on its aggregate's subject itself
+# (`gw.evt.task.<task>`); those messages still fold (`legacy_subject_of`). An aggregate's
+# compare-and-set covers its scheme-2 subjects: `Nats-Expected-Last-Subject-Sequence`
+# with `Nats-Expected-Last-Subject-Sequence-Subject: <aggregate>.>`.
+
+WRITER_API: Final = "api"
+WRITER_ENGINE: Final = "engine"
+WRITER_OPERATOR: Final = "op"
+WRITER_NODE: Final = "node"
+
+
 def task_subject(task_id: str) -> str:
+    """The task's aggregate: reads, and compare-and-set expectations, go by it."""
     return f"gw.evt.task.{subject_token(task_id)}"
 
 
 def gpu_subject(gpu_uuid: str) -> str:
+    """The GPU's aggregate."""
     return f"gw.evt.gpu.{subject_token(gpu_uuid)}"
 
 
 def node_subject(node: str) -> str:
+    """The node's aggregate."""
     return f"gw.evt.node.{subject_token(node)}"
 
 
@@ -317,15 +348,65 @@ def command_subject(node: str) -> str:
     return f"gw.cmd.{subject_token(node)}"
 
 
+def node_writer(node: str) -> str:
+    """The writer token of a node's agent: `node.<node>`."""
+    return f"{WRITER_NODE}.{subject_token(node)}"
+
+
+def aggregate_filter(aggregate: str) -> str:
+    """The wildcard that matches an aggregate's scheme-2 subjects."""
+    return aggregate + ".>"
+
+
+def aggregate_of_subject(subject: str) -> str:
+    """The aggregate a stored subject belongs to (its first four tokens), either scheme."""
+    first, second, kind, key, *_ = (*subject.split(".", 4), "", "", "", "")
+    return f"{first}.{second}.{kind}.{key}"
+
+
+def is_legacy_subject(subject: str) -> bool:
+    """True for a scheme-1 subject (the aggregate itself, no writer below it)."""
+    return subject.count(".") == 3
+
+
+# Per type (a dict: this runs for every event admitted, on the hot path): who writes it,
+# and which of its fields names its aggregate.
+_NODE_FACTS: Final = frozenset(
+    {ContainerStarted, ContainerStartFailed, ContainerExited, GpuFault, NodeRegistered}
+)
+_WRITERS: Final[dict[type[Any], str]] = {
+    TaskSubmitted: WRITER_API,
+    TaskCancelled: WRITER_API,
+    GpuRestored: WRITER_OPERATOR,
+}
+_NODE_KEYED: Final = frozenset({NodeRegistered, NodeLost, NodeRecovered})
+_GPU_KEYED: Final = frozenset({GpuFault, GpuQuarantined, GpuRestored, GpuAllocated, GpuReleased})
+
+
+def writer_of(event: Event) -> str:
+    """The writer token an event's type (and, for a node's facts, its node) calls for."""
+    kind = type(event)
+    if kind in _NODE_FACTS:
+        return node_writer(event.node)  # type: ignore[union-attr]
+    return _WRITERS.get(kind, WRITER_ENGINE)
+
+
+def aggregate_of(event: Event) -> str:
+    """The aggregate an event belongs to (scheme 1's subject)."""
+    kind = type(event)
+    if kind in _GPU_KEYED:
+        return gpu_subject(event.gpu_uuid)  # type: ignore[union-attr]
+    if kind in _NODE_KEYED:
+        return node_subject(event.node)  # type: ignore[union-attr]
+    return task_subject(event.task_id)  # type: ignore[union-attr]
+
+
+legacy_subject_of = aggregate_of
+
+
 def subject_of(event: Event) -> str:
-    """The aggregate subject an event belongs to."""
-    match event:
-        case NodeRegistered() | NodeLost() | NodeRecovered():
-            return node_subject(event.node)
-        case GpuFault() | GpuQuarantined() | GpuRestored() | GpuAllocated() | GpuReleased():
-            return gpu_subject(event.gpu_uuid)
-        case _:
-            return task_subject(event.task_id)
+    """The one subject an event is stored on: its aggregate, then its writer."""
+    return f"{aggregate_of(event)}.{writer_of(event)}"
 
 
 # --- ids ---------------------------------------------------------------------------

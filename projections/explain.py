@@ -16,7 +16,7 @@ import msgspec
 from gpuwarden.engine import events as ev
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections.errors import TaskNotFoundError
-from gpuwarden.projections.model import format_time
+from gpuwarden.projections.model import format_time, screen
 
 _MAX_CHAIN: Final = 32
 
@@ -271,7 +271,7 @@ class _Builder:
 def _belongs(stored: StoredEvent, task_id: str) -> bool:
     e = stored.event
     if e is None:
-        return stored.subject == ev.task_subject(task_id)
+        return ev.aggregate_of_subject(stored.subject) == ev.task_subject(task_id)
     if isinstance(e, ev.GpuAllocated | ev.GpuReleased):
         return False  # the GPU's side of a placement; the task's own events tell it
     return getattr(e, "task_id", None) == task_id
@@ -279,7 +279,7 @@ def _belongs(stored: StoredEvent, task_id: str) -> bool:
 
 def explain_events(events: Iterable[StoredEvent], task_id: str) -> Explanation:
     """The explanation from recorded events: the task's own, plus any evidence they cite."""
-    ordered = sorted(events, key=lambda s: s.seq)
+    ordered = sorted((screen(s) for s in events), key=lambda s: s.seq)
     by_id = {s.event.id: s for s in ordered if s.event is not None}
     builder = _Builder(task_id, by_id)
     mine = [s for s in ordered if _belongs(s, task_id)]

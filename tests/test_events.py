@@ -186,10 +186,24 @@ def test_derived_ids_match_those_already_in_logs() -> None:
     assert ev.derive_id(parent, "allocated/1/GPU-0") == "01JABCDEFGWTBDC61E53H532AK"
 
 
-def test_subjects_per_aggregate() -> None:
+def test_subjects_per_aggregate_and_writer() -> None:
+    """Scheme 2: the aggregate, then the writer its type calls for (a node's facts under
+    its own name), so NATS permissions can say who speaks."""
     by_type = {ev.type_of(e): ev.subject_of(e) for e in sample_events()}
-    assert by_type["node.lost"] == "gw.evt.node.n1"
-    assert by_type["gpu.allocated"] == "gw.evt.gpu.GPU-1"
-    assert by_type["container.exited"] == "gw.evt.task.t1"
+    assert by_type["node.lost"] == "gw.evt.node.n1.engine"
+    assert by_type["node.registered"] == "gw.evt.node.n1.node.n1"
+    assert by_type["gpu.allocated"] == "gw.evt.gpu.GPU-1.engine"
+    assert by_type["gpu.fault"].startswith("gw.evt.gpu.GPU-1.node.")
+    assert by_type["gpu.restored"] == "gw.evt.gpu.GPU-1.op"
+    assert by_type["container.exited"] == "gw.evt.task.t1.node.n1"
+    assert by_type["task.submitted"] == "gw.evt.task.t1.api"
+    assert by_type["rebuild.decided"] == "gw.evt.task.t1.engine"
+    legacy = {ev.type_of(e): ev.legacy_subject_of(e) for e in sample_events()}
+    assert legacy["node.lost"] == "gw.evt.node.n1"
+    assert legacy["container.exited"] == "gw.evt.task.t1"
+    for e in sample_events():
+        subject = ev.subject_of(e)
+        assert ev.aggregate_of_subject(subject) == ev.legacy_subject_of(e)
+        assert ev.is_legacy_subject(ev.legacy_subject_of(e)) and not ev.is_legacy_subject(subject)
     assert ev.subject_token("node-a/0") != ev.subject_token("node-a_0")
     assert "." not in ev.subject_token("a.b") and "*" not in ev.subject_token("a*")

@@ -39,7 +39,7 @@ async def test_each_line_has_seq_subject_headers_event() -> None:
     [first, *_] = await lines_of(ListLog(sample_log().stored))
     obj = json.loads(first)
     assert set(obj) == {"seq", "subject", "headers", "event"}
-    assert obj["event"]["type"] == "node.registered" and obj["subject"] == "gw.evt.node.n1"
+    assert obj["event"]["type"] == "node.registered" and obj["subject"] == "gw.evt.node.n1.node.n1"
 
 
 async def test_odd_payloads_survive_the_round_trip(tmp_path: Path) -> None:

@@ -126,4 +126,4 @@ def test_parse_time_refuses_nonsense(text: str) -> None:
 
 
 def test_sample_subjects_are_per_aggregate() -> None:
-    assert sample_log().stored[4].subject == ev.gpu_subject("G1")
+    assert sample_log().stored[4].subject == ev.gpu_subject("G1") + ".engine"

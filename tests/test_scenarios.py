@@ -126,7 +126,7 @@ def test_cli_json_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert row["gpus"]["node-a/0"]["quarantined"] is True
     records = list(read_jsonl(out))
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
-    assert records[0].subject == "gw.evt.node.node-a"
+    assert records[0].subject == "gw.evt.node.node-a.node.node-a"
     kinds = [type(r.event).__name__ for r in records]
     assert "GpuQuarantined" in kinds and "RebuildDecided" in kinds
 
