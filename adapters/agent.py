@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
+import msgspec
 import nats.errors
 from gpuwarden.adapters.docker_runtime import (
     ContainerInfo,
@@ -34,6 +35,7 @@ from gpuwarden.adapters.docker_runtime import (
     observation_event,
     state_event_id,
 )
+from gpuwarden.engine.admission import MAX_TEXT_CHARS
 from gpuwarden.engine.commands import Command, RemoveCommand, RunCommand, StopCommand
 from gpuwarden.engine.errors import (
     ContainerRuntimeError,
@@ -136,6 +138,7 @@ class Agent:
             )
         if event.id in self._recorded:
             return  # stored already (the log would drop it too; this saves the round trip)
+        event = bounded(event)
         await self.log.append(subject_of(event), [event])
         self._recorded[event.id] = None
         while len(self._recorded) > MAX_REMEMBERED:
@@ -565,6 +568,19 @@ class Agent:
             if close is not None:
                 with anyio.CancelScope(shield=True):
                     await close()
+
+
+def bounded(event: Event) -> Event:
+    """The event with the runtime's error text clipped to what admission takes: Docker's
+    message (or an exception's) is not ours to bound, and an exit refused for its text
+    would leave its GPUs held until the node is lost."""
+    error = getattr(event, "error", None)
+    if not error or (len(error) <= MAX_TEXT_CHARS and "\x00" not in error):
+        return event
+    clipped = error.replace("\x00", "")
+    if len(clipped) > MAX_TEXT_CHARS:
+        clipped = clipped[: MAX_TEXT_CHARS - 20] + " ... (clipped)"
+    return msgspec.structs.replace(event, error=clipped)
 
 
 async def _relay(source: anyio.Event, target: anyio.Event) -> None:

@@ -51,6 +51,7 @@ from gpuwarden.adapters.sim_runtime import (
     SimulationError,
 )
 from gpuwarden.engine import events as ev
+from gpuwarden.engine.admission import Admission
 from gpuwarden.engine.clock import VirtualClock
 from gpuwarden.engine.ids import new_id
 from gpuwarden.engine.liveness import Liveness
@@ -443,7 +444,12 @@ async def run_scenario(
         records = await drill.records()
         if export is not None:
             await _export(log, Path(export))
-    events = [unprefixed(r.event, prefix) for r in records if r.event is not None]
+    admission = Admission()  # as the engine folded them: what it refused does not count
+    events = [
+        unprefixed(r.event, prefix)
+        for r in records
+        if r.event is not None and admission.admit(r.subject, r.event) is None
+    ]
     observed = observe(events)
     results = check(scenario, observed)
     return ScenarioResult(

@@ -42,6 +42,7 @@ class EngineMetrics:
         self.decision_latency = Histogram()
         self.consumer_lag = 0
         self.last_seq = 0
+        self.stream_refused = False  # the log's stream changed under the fold
 
     def render(self) -> str:
         lines = [
@@ -85,6 +86,10 @@ class EngineMetrics:
             "# HELP gpuwarden_consumer_lag Events in the log not yet folded by the engine.",
             "# TYPE gpuwarden_consumer_lag gauge",
             f"gpuwarden_consumer_lag {self.consumer_lag}",
+            "# HELP gpuwarden_stream_refused 1 while the engine refuses to decide: the "
+            "event stream was deleted, recreated or trimmed under it.",
+            "# TYPE gpuwarden_stream_refused gauge",
+            f"gpuwarden_stream_refused {int(self.stream_refused)}",
             "# HELP gpuwarden_last_folded_sequence Stream sequence the engine has folded.",
             "# TYPE gpuwarden_last_folded_sequence gauge",
             f"gpuwarden_last_folded_sequence {self.last_seq}",

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import NoReturn, Protocol
@@ -26,6 +27,7 @@ from typing import NoReturn, Protocol
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from gpuwarden.engine.admission import Admission
 from gpuwarden.engine.commands import Command
 from gpuwarden.engine.errors import ConcurrencyError, EventLogError
 from gpuwarden.engine.events import (
@@ -34,7 +36,9 @@ from gpuwarden.engine.events import (
     NodeLost,
     NodeRecovered,
     TaskCancelled,
-    subject_of,
+    aggregate_of,
+    aggregate_of_subject,
+    is_legacy_subject,
     type_of,
 )
 from gpuwarden.engine.ids import new_id
@@ -53,7 +57,7 @@ from gpuwarden.engine.supervisor import (
     TERMINAL,
     State,
     commands_for,
-    decide_many,
+    decide_guarded,
     evolve,
     initial_state,
     next_due,
@@ -76,9 +80,24 @@ def policy_digest(policy: Policy) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+class StreamCheck(Protocol):
+    async def __call__(self, folded: int) -> str | None:
+        """Why the log's stream is not the one folded up to `folded` (None: it is)."""
+
+
 class DeadLetters(Protocol):
     async def dead_letter(self, record: StoredEvent, reason: str) -> None:
         """Copy a message the engine cannot fold to the dead-letter subject."""
+
+
+def handler_error(exc: BaseException) -> str:
+    """One line for a handler that raised: the exception and the frame it came from."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f" at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
+    return f"handler error: {type(exc).__name__}: {exc}"[:900] + where
 
 
 class Engine:
@@ -93,8 +112,18 @@ class Engine:
         metrics: EngineMetrics | None = None,
         liveness: Liveness | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        open_command: Callable[[Command], Command] | None = None,
+        stream_check: StreamCheck | None = None,
     ) -> None:
+        """`open_command` readies a command for its one node just before it is sent (the
+        shell opens a task's sealed env there, so the clear values exist only in the
+        command to the node that runs the task)."""
         self.log = log
+        self.open_command = open_command
+        # Is the stream still the one folded (not deleted and recreated, not trimmed)?
+        # Asked at start and every second; while it says no, the engine decides nothing.
+        self.stream_check = stream_check
+        self.stream_problem: str | None = None
         self.bus = bus
         self.clock = clock
         self.policy = policy
@@ -104,14 +133,20 @@ class Engine:
         self.liveness = liveness
         self.max_event_bytes = max_event_bytes
         self.state: State = initial_state(policy)
+        # Per aggregate, the last sequence of its scheme-2 subjects: the expectation of
+        # the compare-and-set on `<aggregate>.>` (scheme-1 messages are outside it).
         self.subject_seqs: dict[str, int] = {}
         self.folded = 0  # last stream sequence folded
         self.awaiting = 0  # our own last append's sequence, until folded back
+        # Admission: every message is checked for meaning (and its writer) before it folds.
+        self.admission = Admission()
         self.triggers: list[Event] = []
-        self.trigger_seqs: list[int] = []  # their stream sequences (always a contiguous run)
+        # Their records, in stream order: a run of sequences, less the dead letters.
+        self.trigger_records: list[StoredEvent] = []
         self.trigger_since: float | None = None
         self.live = False
         self.deciding = False  # a round is between deciding and its append's ack
+        self.dead_lettering = 0  # dead letters on their way to GW_DLQ
         self.reconcile_due = False  # the startup sweep could not be stored yet
         self.caught_up = anyio.Event()
         # In-process followers of the same read of the log (the task API), each record
@@ -140,26 +175,38 @@ class Engine:
         if record.seq <= self.folded:
             return  # a redelivery after a reconnect
         self.folded = record.seq
-        self.subject_seqs[record.subject] = record.seq
+        if not is_legacy_subject(record.subject):
+            self.subject_seqs[aggregate_of_subject(record.subject)] = record.seq
         self.metrics.last_seq = record.seq
         event = record.event
         problem = record.error
         if event is not None and len(record.data) > self.max_event_bytes:
             problem = f"event of {len(record.data)} bytes exceeds {self.max_event_bytes}"
             event = None
+        if event is not None:
+            refused = self.admission.admit(record.subject, event)
+            if refused is not None:
+                problem, event = f"refused: {refused}", None
         if event is None:
             await self._dead_letter(record, problem or "undecodable")
             return
         self.metrics.events_consumed += 1
-        evolve(self.state, event)
+        try:
+            evolve(self.state, event)
+        except Exception as exc:  # a bug no test caught: this event, not the engine, stops
+            await self._handler_failed(record, exc)
+            return
         if isinstance(event, FaultClassified):
             self.metrics.faults[event.fault] += 1
         if self.live:
             if not self.triggers:
                 self.trigger_since = time.perf_counter()
             self.triggers.append(event)
-            self.trigger_seqs.append(record.seq)
-            self.outbox.extend(commands_for(self.state, event))
+            self.trigger_records.append(record)
+            try:
+                self.outbox.extend(commands_for(self.state, event))
+            except Exception as exc:
+                await self._handler_failed(record, exc, dead_letter=False)
         elif isinstance(event, TaskCancelled | NodeRecovered):
             self._stop_causes[record.subject] = event
         elif isinstance(event, FaultClassified):
@@ -167,15 +214,35 @@ class Engine:
         if self.liveness is not None and isinstance(event, NodeLost | NodeRecovered):
             self.liveness.settled(event.node, lost=isinstance(event, NodeLost))
 
+    async def _handler_failed(
+        self, record: StoredEvent, exc: Exception, *, dead_letter: bool = True
+    ) -> None:
+        """Crash-only: say it loudly, count it, dead-letter the event, and go on."""
+        reason = handler_error(exc)
+        log.error("seq %s on %s: %s", record.seq, record.subject, reason, exc_info=exc)
+        if dead_letter:
+            await self._dead_letter(record, reason)
+        else:
+            self.metrics.dead_letters["handler_error"] += 1
+
     async def _dead_letter(self, record: StoredEvent, reason: str) -> None:
-        kind = "too_large" if "exceeds" in reason else "undecodable"
+        if reason.startswith("handler error"):
+            kind = "handler_error"
+        elif reason.startswith("refused"):
+            kind = "refused"
+        else:
+            kind = "too_large" if "exceeds" in reason else "undecodable"
         self.metrics.dead_letters[kind] += 1
-        log.warning("seq %s on %s skipped: %s", record.seq, record.subject, reason)
+        if kind != "handler_error":
+            log.warning("seq %s on %s skipped: %s", record.seq, record.subject, reason)
         if self.dead_letters is not None:
+            self.dead_lettering += 1
             try:
                 await self.dead_letters.dead_letter(record, reason)
             except Exception as exc:  # the log keeps the original; never stop the engine
                 log.error("dead-lettering seq %s failed: %s", record.seq, exc)
+            finally:
+                self.dead_lettering -= 1
 
     async def _dispatch(self) -> None:
         """Send queued commands in order, pipelined, without holding up the fold.
@@ -189,6 +256,8 @@ class Engine:
                 self._outbox_ready = anyio.Event()
             batch = self.outbox[:256]
             try:
+                if self.open_command is not None:
+                    batch = [self._opened(command) for command in batch]
                 if send_many is not None:
                     await send_many(batch)
                 else:
@@ -201,6 +270,14 @@ class Engine:
             del self.outbox[: len(batch)]
             self.metrics.commands_sent += len(batch)
             self._signal_progress()
+
+    def _opened(self, command: Command) -> Command:
+        assert self.open_command is not None
+        try:
+            return self.open_command(command)
+        except Exception as exc:  # a run that cannot be opened still runs, without env
+            log.error("command %s: %s; sent without its sealed env", command.id, exc)
+            return command
 
     def _kick_dispatcher(self) -> None:
         if self.outbox:
@@ -222,25 +299,31 @@ class Engine:
         """Decide on everything folded since the last round, and on due timers."""
         now = self.clock.now()
         triggers = self.triggers[:MAX_TRIGGERS_PER_ROUND]
-        seqs = self.trigger_seqs[:MAX_TRIGGERS_PER_ROUND]
+        records = self.trigger_records[:MAX_TRIGGERS_PER_ROUND]
         del self.triggers[:MAX_TRIGGERS_PER_ROUND]
-        del self.trigger_seqs[:MAX_TRIGGERS_PER_ROUND]
+        del self.trigger_records[:MAX_TRIGGERS_PER_ROUND]
         started = self.trigger_since
         self.trigger_since = time.perf_counter() if self.triggers else None
         if self.liveness is not None:
             await self._liveness_round(now)
         if self.reconcile_due:
             await self._reconcile(now)
-        decisions = decide_many(self.state, triggers, now)
+        decisions, failed = decide_guarded(self.state, triggers, now)
+        if failed:  # replay leaves them out of this round the same way
+            for index, exc in failed:
+                await self._handler_failed(records[index], exc)
+            dropped = {index for index, _ in failed}
+            triggers = [t for i, t in enumerate(triggers) if i not in dropped]
+            records = [r for i, r in enumerate(records) if i not in dropped]
         if not decisions:
             return
         # The triggers are every event folded since the last round: a run of sequences
         # (dead letters inside it are skipped by replay just as they were here).
-        span = f"{seqs[0]}-{seqs[-1]}" if seqs else "timer"
+        span = f"{records[0].seq}-{records[-1].seq}" if records else "timer"
         stored = await self._commit(decisions, span)
         if not stored:
             self.triggers[:0] = triggers  # someone else decided; read on, decide again
-            self.trigger_seqs[:0] = seqs
+            self.trigger_records[:0] = records
             return
         if started is not None:
             self.metrics.decision_latency.observe(time.perf_counter() - started)
@@ -255,8 +338,8 @@ class Engine:
         for part in _parts(decisions):
             expected: dict[str, int] = {}
             for event in part:
-                subject = subject_of(event)
-                expected.setdefault(subject, seqs.get(subject, 0))
+                aggregate = aggregate_of(event)
+                expected.setdefault(aggregate, seqs.get(aggregate, 0))
             try:
                 stored = await self.log.append_batch(part, expected, headers)
             except ConcurrencyError as exc:
@@ -275,7 +358,7 @@ class Engine:
                 return False
             self.backoff_s = 0.0
             for event, seq in zip(part, stored, strict=True):
-                seqs[subject_of(event)] = seq
+                seqs[aggregate_of(event)] = seq
                 self.metrics.decisions[type_of(event)] += 1
             self.awaiting = max(self.awaiting, stored[-1])
         return True
@@ -289,9 +372,9 @@ class Engine:
     async def _liveness_round(self, now: datetime) -> None:
         assert self.liveness is not None
         for event in self.liveness.check(self.state, now, new_id(now)):
-            subject = subject_of(event)
+            aggregate = aggregate_of(event)
             try:
-                await self.log.append(subject, [event], self.subject_seqs.get(subject, 0))
+                await self.log.append(aggregate, [event], self.subject_seqs.get(aggregate, 0))
             except ConcurrencyError:
                 # Another engine said it first, or the node's subject moved on (a new
                 # registration): read on, then let check() judge the node afresh.
@@ -333,20 +416,34 @@ class Engine:
                 and attempt.live
                 and not attempt.started
             ):
-                self.outbox.extend(commands_for(self.state, attempt.scheduled))
+                self.outbox.extend(self._commands_for(attempt.scheduled))
         for event in self._stop_causes.values():  # only stops still called for
-            self.outbox.extend(commands_for(self.state, event))
+            self.outbox.extend(self._commands_for(event))
         self._stop_causes.clear()
         self.caught_up.set()
 
+    def _commands_for(self, event: Event) -> list[Command]:
+        try:
+            return commands_for(self.state, event)
+        except Exception as exc:  # crash-only, as in the fold
+            log.error("commands for %s raised: %s", event.id, handler_error(exc))
+            self.metrics.dead_letters["handler_error"] += 1
+            return []
+
     async def _reconcile(self, now: datetime) -> None:
         """Decide what nobody decided while no engine ran; retried until it is stored."""
-        missed = reconcile(self.state, now)
+        try:
+            missed = reconcile(self.state, now)
+        except Exception as exc:  # crash-only: replay's sweep decides nothing the same way
+            log.error("the startup sweep raised, deciding nothing: %s", handler_error(exc))
+            self.metrics.dead_letters["handler_error"] += 1
+            missed = []
         self.reconcile_due = bool(missed) and not await self._commit(missed, "reconcile")
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
+        await self._check_stream()
         await self.catch_up()
         await self.start_live()
         send, receive = anyio.create_memory_object_stream[StoredEvent](10_000)
@@ -358,14 +455,36 @@ class Engine:
             task_status.started()
             await self._loop(receive)
 
-    async def _measure_lag(self, every_s: float = 5.0) -> None:
-        """Keep the consumer-lag gauge current (wall time: it is about the real server)."""
+    async def _measure_lag(self, every_s: float = 1.0) -> None:
+        """Keep the consumer-lag gauge current and check the stream (wall time: both are
+        about the real server). A reconnect after the stream changed is seen here too."""
         while True:
             try:
                 self.metrics.consumer_lag = max(0, await self.log.last_seq() - self.folded)
             except EventLogError:
                 pass
+            await self._check_stream()
             await anyio.sleep(every_s)
+
+    async def _check_stream(self) -> None:
+        if self.stream_check is None:
+            return
+        try:
+            problem = await self.stream_check(self.folded)
+        except EventLogError as exc:  # the server is away: nothing is known to be wrong
+            log.debug("stream check failed: %s", exc)
+            return
+        if problem != self.stream_problem:
+            if problem is not None:
+                log.error("refusing to decide: %s", problem)
+            else:
+                log.warning("the stream is sound again; deciding")
+                self.wake()
+        changed = problem != self.stream_problem
+        self.stream_problem = problem
+        self.metrics.stream_refused = problem is not None
+        if changed:
+            self._signal_progress()
 
     async def _pump(self, send: MemoryObjectSendStream[StoredEvent], from_seq: int) -> None:
         async with send:
@@ -394,6 +513,8 @@ class Engine:
                 self._signal_progress()
             if self.awaiting > self.folded:
                 continue  # our last decision is not folded back yet
+            if self.stream_problem is not None:
+                continue  # a stream that changed under the fold: decide nothing on it
             due = self.due()
             if self.triggers or self.reconcile_due or (due is not None and due <= self.clock.now()):
                 if self.backoff_s:
@@ -413,9 +534,10 @@ class Engine:
             pass
         except anyio.EndOfStream:
             await _subscription_ended()
-        if self.awaiting <= self.folded and (self.triggers or self.reconcile_due):
+        refusing = self.stream_problem is not None  # wait for news: the check's wake()
+        if not refusing and self.awaiting <= self.folded and (self.triggers or self.reconcile_due):
             return None
-        due = None if self.awaiting > self.folded else self.due()
+        due = None if self.awaiting > self.folded or refusing else self.due()
         if self._news.is_set():
             self._news = anyio.Event()
             return None
@@ -466,6 +588,7 @@ class Engine:
                 due = self.due()
                 busy = (
                     self.deciding
+                    or bool(self.dead_lettering)
                     or self.reconcile_due
                     or bool(self.outbox)
                     or self.folded < end

@@ -660,6 +660,44 @@ def decide_many(state: State, triggers: Sequence[Event], now: datetime) -> list[
     return r.events
 
 
+def decide_guarded(
+    state: State, triggers: Sequence[Event], now: datetime
+) -> tuple[list[Event], list[tuple[int, Exception]]]:
+    """`decide_many`, crash-only: a trigger that makes deciding raise is left out.
+
+    No stored message may stop the engine (the log denies purge, so a poison that
+    stopped it would stop it for good). When the round raises, each trigger is decided
+    alone to find the ones that raise; the round is then decided without them, and they
+    come back as (index, exception) for the caller to dead-letter. The same inputs raise
+    the same way, so replay, which decides through here too, re-derives the round.
+    """
+    try:
+        return decide_many(state, triggers, now), []
+    except Exception:
+        pass
+    failed: list[tuple[int, Exception]] = []
+    kept: list[Event] = []
+    for index, trigger in enumerate(triggers):
+        try:
+            decide_many(state, [trigger], now)
+        except Exception as exc:
+            failed.append((index, exc))
+        else:
+            kept.append(trigger)
+    try:
+        return decide_many(state, kept, now), failed
+    except Exception:
+        return [], failed  # only the triggers together raise: decide nothing this round
+
+
+def reconcile_guarded(state: State, now: datetime) -> list[Event]:
+    """`reconcile`, crash-only: a sweep that raises decides nothing (the engine logs it)."""
+    try:
+        return reconcile(state, now)
+    except Exception:
+        return []
+
+
 def reconcile(state: State, now: datetime) -> list[Event]:
     """Everything undecided in `state`, whatever triggered it: the startup sweep.
 

@@ -1,7 +1,9 @@
 """The read side's commands: audit queries, explain, export, timeline, rebuild.
 
 Each query command first brings the data directory's projection store up to the end
-of the log (cheap when it is current), so an answer never misses recent events. The
+of the log (cheap when it is current), so an answer never misses recent events. Before
+that it checks that GW_EVENTS is still the stream the store was folded from, whole and
+kept whole (adapters/stream_guard.py), and refuses to answer from one that is not. The
 `run_*` functions take the log and the store path as arguments, so tests and other
 front ends can call them without the argparse/NATS plumbing.
 """
@@ -15,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 import msgspec
@@ -24,8 +26,11 @@ from gpuwarden.projections import queries as q
 from gpuwarden.projections.explain import explain, render_text, task_events, to_json
 from gpuwarden.projections.export import write_jsonl
 from gpuwarden.projections.model import EventRow
-from gpuwarden.projections.store import DB_NAME, ProjectionStore, ReadableLog
+from gpuwarden.projections.store import DB_NAME, STREAM_META, ProjectionStore, ReadableLog
 from gpuwarden.projections.timeline import render_timeline
+
+if TYPE_CHECKING:
+    from gpuwarden.adapters.stream_guard import StreamIdentity
 
 Runner = Callable[[argparse.Namespace, ReadableLog, Path], Awaitable[int]]
 
@@ -95,11 +100,73 @@ def register(subparsers: Any) -> None:
 async def _fresh_store(path: Path, log: ReadableLog) -> ProjectionStore:
     store = await ProjectionStore(path).open()
     try:
-        await store.catch_up(log)
+        await _catch_up_checked(store, log)
     except BaseException:
         await store.close()
         raise
     return store
+
+
+StreamReader = Callable[[], Awaitable["StreamIdentity"]]
+
+
+def _stream_reader(log: ReadableLog) -> StreamReader | None:
+    """How to read the log's stream identity; None for a log that is no stream (a list)."""
+    reader: StreamReader | None = getattr(log, "stream_identity", None)
+    return reader
+
+
+async def _catch_up_checked(store: ProjectionStore, log: ReadableLog) -> None:
+    """Catch the store up, but only from the stream it was folded from, whole.
+
+    A store with no recorded stream (new, or older than the record) records the stream
+    it is about to fold; the stream is read again after the fold, so one replaced
+    meanwhile is noticed too.
+    """
+    read = _stream_reader(log)
+    if read is None:
+        await store.catch_up(log)
+        return
+    from gpuwarden.adapters.stream_guard import decode_identity, encode_identity
+
+    recorded = await store.meta(STREAM_META)
+    seen = decode_identity(recorded) if recorded is not None else None
+    before = await read()
+    _refuse_changed(store, before, seen=seen, folded=await store.checkpoint())
+    if seen is None:
+        await store.set_meta(STREAM_META, encode_identity(before))
+    await store.catch_up(log)
+    _refuse_changed(store, await read(), seen=before, folded=await store.checkpoint())
+
+
+def _refuse_changed(
+    store: ProjectionStore, now: StreamIdentity, *, seen: StreamIdentity | None, folded: int
+) -> None:
+    from gpuwarden.adapters.stream_guard import (
+        StreamChangedError,
+        stream_is_sound,
+        stream_problem,
+    )
+
+    problem = stream_problem(now, seen=seen, folded=folded, by="the read model")
+    if problem is None:
+        return
+    if stream_is_sound(now):
+        remedy = (
+            "Restore the stream that was folded; or, if you accept this stream as the log "
+            "from now on, rebuild the read model with `gpuwarden projections rebuild` "
+            "(and restart the engine)."
+        )
+    else:
+        remedy = (
+            "Put the stream's settings back (deny_delete, deny_purge, no max_* limits, "
+            "retention limits, subjects gw.evt.>) and restore from a backup the events it "
+            "lost; a rebuild cannot bring back events the stream no longer holds."
+        )
+    raise StreamChangedError(
+        f"GW_EVENTS changed under the read model {store.path}: {problem}. "
+        f"gpuwarden refuses to decide or answer on such a stream. {remedy}"
+    )
 
 
 def _time_arg(text: str | None) -> datetime | None:
@@ -354,7 +421,25 @@ async def run_rebuild(
     args: argparse.Namespace, log: ReadableLog, path: Path, out: TextIO | None = None
 ) -> int:
     out = out or sys.stdout
+    read = _stream_reader(log)
     async with ProjectionStore(path) as store:
-        last = await store.rebuild(log, progress=ProgressBar())
+        if read is None:
+            last = await store.rebuild(log, progress=ProgressBar())
+        else:
+            last = await _rebuild_checked(store, log, read)
     out.write(f"rebuilt {path} up to sequence {last}\n")
     return 0
+
+
+async def _rebuild_checked(store: ProjectionStore, log: ReadableLog, read: StreamReader) -> int:
+    """Fold the stream there is now (the operator accepts it), if it is whole; the store
+    records it as the stream it was folded from."""
+    from gpuwarden.adapters.stream_guard import encode_identity
+
+    before = await read()
+    _refuse_changed(store, before, seen=None, folded=0)
+    last = await store.rebuild(
+        log, progress=ProgressBar(), meta={STREAM_META: encode_identity(before)}
+    )
+    _refuse_changed(store, await read(), seen=before, folded=last)
+    return last

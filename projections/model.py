@@ -9,12 +9,14 @@ store writes the dirty rows and the event index rows in one transaction per batc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
 from gpuwarden.engine import events as ev
+from gpuwarden.engine.admission import check_event, check_subject
 from gpuwarden.engine.ports import StoredEvent
 
 INVALID_TYPE: Final = "!invalid"
@@ -111,6 +113,7 @@ class Model:
         self.dirty_attempts: set[AttemptKey] = set()
         self.dirty_gpus: set[str] = set()
         self.dirty_nodes: set[str] = set()
+        self.errors = 0  # events a handler raised on (crash-only: logged, then skipped)
 
     def task(self, task_id: str) -> TaskRow:
         row = self.tasks.get(task_id)
@@ -399,6 +402,7 @@ def keys_of(batch: Iterable[StoredEvent]) -> Keys:
 
 # --- the events index ----------------------------------------------------------------
 
+_log = logging.getLogger("gpuwarden.projections")
 _encoder: Final = msgspec.json.Encoder()
 _TASK_SUBJECT_PREFIX: Final = "gw.evt.task."
 
@@ -418,7 +422,7 @@ def index_row(stored: StoredEvent, at: str | None = None) -> EventRow:
     if e is None:
         task = None
         if stored.subject.startswith(_TASK_SUBJECT_PREFIX):
-            token = stored.subject[len(_TASK_SUBJECT_PREFIX) :]
+            token = ev.aggregate_of_subject(stored.subject)[len(_TASK_SUBJECT_PREFIX) :]
             task = token if "~" not in token else None
         return EventRow(
             seq=stored.seq,
@@ -499,13 +503,37 @@ def row_values(row: EventRow) -> tuple[Any, ...]:
     )
 
 
+def screen(stored: StoredEvent) -> StoredEvent:
+    """The record as the read models fold it: an event that admission refuses (its
+    values or its subject; see engine/admission.py) is kept as an invalid one, with the
+    reason, exactly as an undecodable message is. The read models resume from their own
+    checkpoint, so they apply the stateless rules; the engine dead-letters the rest."""
+    e = stored.event
+    if e is None:
+        return stored
+    reason = check_subject(stored.subject, e) or check_event(e)
+    if reason is None:
+        return stored
+    return msgspec.structs.replace(stored, event=None, error=f"refused: {reason}")
+
+
+def _apply(model: Model, e: Any, at: str | None) -> None:
+    """Crash-only: a handler bug costs the one event's rows, never the projector."""
+    try:
+        HANDLERS[type(e)](model, e, at)
+    except Exception as exc:
+        model.errors += 1
+        _log.error("read model: %s %s not folded: %s: %s", ev.type_of(e), e.id,
+                   type(exc).__name__, exc)  # fmt: skip
+
+
 def project_values(model: Model, stored: StoredEvent) -> tuple[Any, ...]:
     """`project`, returning the events-index row as `index_values` does."""
     e = stored.event
     if e is None:
         return index_values(stored)
     at = format_time(e.at)
-    HANDLERS[type(e)](model, e, at)
+    _apply(model, e, at)
     return index_values(stored, at)
 
 
@@ -513,17 +541,18 @@ def project_rows(model: Model, e: Any) -> str | None:
     """`project` of a decoded event without its events-index row (a rebuild's writer
     process builds those); returns the event's time as the rows hold it."""
     at = format_time(e.at)
-    HANDLERS[type(e)](model, e, at)
+    _apply(model, e, at)
     return at
 
 
 def project(model: Model, stored: StoredEvent) -> EventRow:
     """Fold one stored event into the model; returns its events-index row."""
+    stored = screen(stored)
     e = stored.event
     if e is None:
         return index_row(stored)
     at = format_time(e.at)
-    HANDLERS[type(e)](model, e, at)
+    _apply(model, e, at)
     return index_row(stored, at)
 
 

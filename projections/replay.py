@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+from gpuwarden.engine.admission import Admission
 from gpuwarden.engine.errors import GpuwardenError
 from gpuwarden.engine.events import (
     Event,
@@ -43,10 +44,10 @@ from gpuwarden.engine.runtime import MAX_EVENT_BYTES, POLICY_HEADER, policy_dige
 from gpuwarden.engine.supervisor import (
     State,
     TaskState,
-    decide_many,
+    decide_guarded,
     evolve,
     initial_state,
-    reconcile,
+    reconcile_guarded,
 )
 
 Records = Iterable[StoredEvent] | AsyncIterable[StoredEvent]
@@ -167,6 +168,7 @@ class _Walk:
         progress: Progress | None = None,
     ) -> None:
         self.state = initial_state(policy)
+        self.admission = Admission()
         self.on_round = on_round
         self.lookahead = lookahead
         self.progress = progress
@@ -227,7 +229,12 @@ class _Walk:
         event = record.event
         if event is None or len(record.data) > MAX_EVENT_BYTES:
             return  # the engine dead-letters it and folds on
-        evolve(self.state, event)
+        if self.admission.admit(record.subject, event) is not None:
+            return  # refused at admission: dead-lettered by the engine too
+        try:
+            evolve(self.state, event)
+        except Exception:
+            return  # crash-only: the engine dead-letters an event whose fold raises
         self.last_at = event.at
         self.by_id[event.id] = event
         self.by_id.move_to_end(event.id)
@@ -300,8 +307,8 @@ def rederive(state: State, found: Round, triggers: list[Event] | None) -> list[E
     first = found.records[0].event
     assert first is not None
     if triggers is None:
-        return reconcile(state, first.at)
-    return decide_many(state, triggers, first.at)
+        return reconcile_guarded(state, first.at)
+    return decide_guarded(state, triggers, first.at)[0]
 
 
 async def _each(records: Records) -> AsyncIterator[StoredEvent]:

@@ -18,7 +18,7 @@ import sqlite3
 import sys
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +42,7 @@ from gpuwarden.projections.model import (
     keys_of,
     project_rows,
     project_values,
+    screen,
 )
 from gpuwarden.projections.writer import EVENTS_INSERT, HEADER, RAW_EVENTS, frame, unframe
 from gpuwarden.projections.writer import Statement as _Statement
@@ -51,6 +52,9 @@ DB_NAME: Final = "projections.sqlite3"
 SCHEMA_VERSION: Final = "2"
 DEFAULT_BATCH: Final = 2000
 CACHE_LIMIT: Final = 200_000  # rows kept in memory between batches
+# The meta key holding the identity of the GW_EVENTS stream the read models were folded
+# from (stream_guard's JSON), so a read can tell when the log was replaced under them.
+STREAM_META: Final = "stream"
 
 Progress = Callable[[int, int | None], None]
 _T = TypeVar("_T")
@@ -496,6 +500,20 @@ class ProjectionStore:
         await self._drop()
         await self._ensure_schema()
 
+    # meta -----------------------------------------------------------------------------
+
+    async def meta(self, key: str) -> str | None:
+        """A value of the meta table (None when unset); it goes with the read models,
+        so a rebuild or a new schema drops it."""
+        async with self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value)
+        )
+
     # checkpoint -----------------------------------------------------------------------
 
     async def _read_checkpoint(self) -> int:
@@ -551,7 +569,7 @@ class ProjectionStore:
         last = self._planned
         for stored in batch:
             if stored.seq > last:
-                fresh.append(stored)
+                fresh.append(screen(stored))
                 last = stored.seq
         if not fresh:
             return None
@@ -726,8 +744,12 @@ class ProjectionStore:
         log: ReadableLog,
         progress: Progress | None = None,
         batch_size: int = DEFAULT_BATCH,
+        meta: Mapping[str, str] | None = None,
     ) -> int:
         """Drop every read model and fold the whole log again.
+
+        `meta` is recorded in the emptied store before the fold (the identity of the
+        stream it folds), so a rebuild that is killed leaves it with what it came from.
 
         The fold stays here; the SQLite writes and the index build run in a writer
         process on another core (a thread would only take turns under the GIL). Batches
@@ -739,6 +761,8 @@ class ProjectionStore:
         writer = await _WriterProcess.start()
         try:
             await self.reset()
+            for key, value in (meta or {}).items():
+                await self.set_meta(key, value)
             await writer.open(self.path)
             end = await _end_of(log)
             if progress is not None:

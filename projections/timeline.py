@@ -17,6 +17,7 @@ from gpuwarden.engine import events as ev
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections.errors import TimelineError
 from gpuwarden.projections.explain import AttemptStory, explain_events, summary
+from gpuwarden.projections.model import screen
 
 LEFT: Final = 190
 RIGHT: Final = 40
@@ -300,7 +301,7 @@ def render_timeline(
     events: Iterable[StoredEvent], task_id: str | None = None, gpu: str | None = None
 ) -> str:
     """A standalone HTML page: one row per attempt (task) or per tenant (GPU)."""
-    stored = sorted(events, key=lambda s: s.seq)
+    stored = sorted((screen(s) for s in events), key=lambda s: s.seq)
     if (task_id is None) == (gpu is None):
         raise TimelineError("a timeline needs exactly one of a task id or a GPU uuid")
     arrows: list[Arrow] = []
