@@ -69,6 +69,7 @@ async def run_agent_command(args: argparse.Namespace) -> int:
         return 2
     serve = serve_docker if args.runtime == "docker" else serve_sim
     try:
+        _local_node_creds(args)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, tg.cancel_scope)
             await serve(args)
@@ -77,6 +78,18 @@ async def run_agent_command(args: argparse.Namespace) -> int:
         print(f"gpuwarden: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _local_node_creds(args: argparse.Namespace) -> None:
+    """In a data directory where `up` made this node's credentials (no --nats, no
+    --creds), the agent acts as that node: the only principal whose facts it may state."""
+    from gpuwarden.adapters.auth import local_auth_dir, local_creds, node_principal
+
+    if args.nats or args.creds or not local_auth_dir(args.data_dir).is_dir():
+        return
+    found = local_creds(args.data_dir, node_principal(args.node).name)
+    if found is not None:
+        args.creds = str(found)
 
 
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +26,7 @@ from typing import IO, Any
 
 import anyio
 import nats
+import nats.errors
 from gpuwarden.engine.errors import NatsServerError
 
 STATE_FILE = "server.json"
@@ -70,8 +71,13 @@ def render_config(
     ports_dir: Path,
     server_name: str | None = None,
     cluster: ClusterSpec | None = None,
+    authorization: str | None = None,
 ) -> str:
-    """nats-server configuration: JetStream on file storage, fsync on every write."""
+    """nats-server configuration: JetStream on file storage, fsync on every write.
+
+    `authorization`: a file with an `authorization { ... }` block (adapters/auth.py) to
+    include, as a path relative to the configuration file (nats-server's `include` rule).
+    """
     listen = f"{LOOPBACK}:{port if port else -1}"
     lines = [
         f"listen: {json.dumps(listen)}",
@@ -92,6 +98,8 @@ def render_config(
             f"  routes: [{routes}]",
             "}",
         ]
+    if authorization is not None:
+        lines.append(f"include {json.dumps(authorization)}")
     return "\n".join(lines) + "\n"
 
 
@@ -118,8 +126,14 @@ async def _answers(url: str, wait_s: float = 1.0) -> bool:
     return greeting.startswith(b"INFO")
 
 
-async def wait_jetstream_ready(url: str, deadline_s: float) -> None:
-    """Return once a client can connect to url and JetStream answers account info."""
+async def wait_jetstream_ready(
+    url: str, deadline_s: float, options: Mapping[str, Any] | None = None
+) -> None:
+    """Return once a client can connect to url and JetStream answers account info.
+
+    `options`: extra nats-py connect options (a principal's credentials, when the
+    server runs with authorization); their principal needs `$JS.API.INFO`.
+    """
 
     async def quiet(_: Exception) -> None:
         return None
@@ -130,13 +144,22 @@ async def wait_jetstream_ready(url: str, deadline_s: float) -> None:
             if await _answers(url, wait_s=0.5):
                 try:
                     nc = await nats.connect(
-                        url, allow_reconnect=False, connect_timeout=1, error_cb=quiet
+                        url,
+                        allow_reconnect=False,
+                        connect_timeout=1,
+                        error_cb=quiet,
+                        **(options or {}),
                     )
                     try:
                         await nc.jetstream(timeout=1).account_info()
                         return
                     finally:
                         await nc.close()
+                except nats.errors.AuthorizationError:
+                    raise NatsServerError(
+                        f"nats-server at {url} runs with authorization and refused the "
+                        "readiness probe's credentials"
+                    ) from None
                 except Exception as exc:
                     last = exc
             await anyio.sleep(0.02)
@@ -149,6 +172,8 @@ class EmbeddedNats:
 
     `port=None` lets the server pick a free port on first start; later restarts of
     the same object reuse it, so connected clients reconnect to the same URL.
+    `authorization`: an auth.conf (adapters/auth.py) the server includes; then
+    `probe_options` are the connect options (credentials) of the readiness probe.
     """
 
     data_dir: Path
@@ -158,12 +183,16 @@ class EmbeddedNats:
     start_timeout_s: float = 10.0
     stop_timeout_s: float = 10.0
     binary: Path | None = None
+    authorization: Path | None = None
+    probe_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     url: str = field(default="", init=False)
     owned: bool = field(default=False, init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.authorization is not None:
+            self.authorization = Path(self.authorization)
 
     @property
     def home(self) -> Path:
@@ -202,7 +231,7 @@ class EmbeddedNats:
         self._spawn()
         try:
             self.url = await self._await_url()
-            await wait_jetstream_ready(self.url, self.start_timeout_s)
+            await wait_jetstream_ready(self.url, self.start_timeout_s, self.probe_options)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._terminate()
@@ -255,6 +284,7 @@ class EmbeddedNats:
                 ports_dir=self.home,
                 server_name=self.server_name,
                 cluster=self.cluster,
+                authorization=self._include_path(),
             )
         )
         log: IO[bytes] = open(self.home / "nats.log", "ab")
@@ -269,6 +299,15 @@ class EmbeddedNats:
             raise NatsServerError(f"cannot start {binary}: {exc}") from exc
         finally:
             log.close()
+
+    def _include_path(self) -> str | None:
+        """The authorization file as nats-server's `include` wants it: relative to the
+        configuration file (in `home`)."""
+        if self.authorization is None:
+            return None
+        if not self.authorization.is_file():
+            raise NatsServerError(f"authorization file {self.authorization} not found")
+        return os.path.relpath(self.authorization.resolve(), self.home.resolve())
 
     async def _await_url(self) -> str:
         """Read the client URL from the ports file the server writes once it listens."""

@@ -33,6 +33,7 @@ COMMAND_MODULES: list[str] = [
     "gpuwarden.projections.replay_cli",
     "gpuwarden.adapters.scenario_cli",
     "gpuwarden.adapters.agent_cli",
+    "gpuwarden.adapters.auth_cli",
 ]
 
 EXIT_ERROR = 2
@@ -128,13 +129,18 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> GpuwardenError | N
 @asynccontextmanager
 async def nats_url(args: argparse.Namespace) -> AsyncIterator[str]:
     """The server to talk to: --nats, else the data directory's embedded server
-    (started for the duration of the block when it is not already running)."""
+    (started for the duration of the block when it is not already running, with the
+    authorization `gpuwarden up` keeps in `<data-dir>/auth/` when it made one)."""
     if args.nats:
         yield args.nats
         return
+    from gpuwarden.adapters.auth import embedded_server_auth
     from gpuwarden.adapters.embedded_nats import EmbeddedNats
 
-    async with EmbeddedNats(args.data_dir) as server:
+    authorization, probe = embedded_server_auth(args)
+    async with EmbeddedNats(
+        args.data_dir, authorization=authorization, probe_options=probe
+    ) as server:
         yield server.url
 
 
@@ -146,18 +152,29 @@ async def open_event_log(args: argparse.Namespace) -> AsyncIterator[JetStreamEve
 
 
 async def connect_with(args: argparse.Namespace, url: str, name: str, **options: Any) -> Any:
-    """A NATS connection honouring the global --creds and --tls-* options."""
+    """A NATS connection honouring the global --creds and --tls-* options.
+
+    Without --creds and --nats, a call in a data directory where `gpuwarden up` made
+    credentials acts as its `operator` (reads, the task API, gpu-restore).
+    """
+    from gpuwarden.adapters.auth import ConnectRefusedError, refused_hint, resolve_creds
     from gpuwarden.adapters.jetstream import connect
 
-    return await connect(
-        url,
-        creds=args.creds,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        name=name,
-        **options,
-    )
+    creds = resolve_creds(args)
+    try:
+        return await connect(
+            url,
+            creds=creds,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            name=name,
+            **options,
+        )
+    except ConnectRefusedError as exc:
+        raise ConnectRefusedError(
+            f"{exc}; {refused_hint(args, creds)}", url=exc.url, creds=exc.creds
+        ) from None
 
 
 @asynccontextmanager

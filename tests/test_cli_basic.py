@@ -39,7 +39,7 @@ async def test_up_serves_the_log_and_events_prints_it(tmp_path: Path) -> None:
         with anyio.fail_after(10):
             url = (await up.stdout.receive()).decode().strip()
         assert url.startswith("nats://127.0.0.1:")
-        nc = await connect(url)
+        nc = await connect(url, creds=str(data / "auth" / "api.creds"))  # `up` made them
         log = JetStreamEventLog(nc)
         submitted = ev.TaskSubmitted(
             id=new_id(), at=AT, actor="api", task_id="t1", name="n", image="img", command=("a",)
@@ -54,10 +54,14 @@ async def test_up_serves_the_log_and_events_prints_it(tmp_path: Path) -> None:
         as_json = await gw("--data-dir", str(data), "events", "--json", "--task", "t1")
         assert as_json.returncode == 0, as_json.stderr
         rows = [json.loads(line) for line in as_json.stdout.splitlines()]
-        assert rows[0]["subject"] == "gw.evt.task.t1"
+        assert rows[0]["subject"] == "gw.evt.task.t1.api"
         assert rows[0]["type"] == "task.submitted" and rows[0]["id"] == submitted.id
 
-        text = await gw("--nats", url, "events", "--type", "node.registered")
+        operator = str(data / "auth" / "operator.creds")
+        text = await gw(
+            *("--nats", url, "--creds", operator, "--data-dir", str(data)),
+            *("events", "--type", "node.registered"),
+        )
         assert b"node.registered" in text.stdout and b"local" in text.stdout
     finally:
         up.send_signal(signal.SIGTERM)
