@@ -4,19 +4,25 @@ They are clients of the API service (NATS request-reply), never writers of the l
 themselves, so every submission passes the same validation and idempotency as any
 other client's. When nothing answers they say so instead of hanging. Read commands
 (`tasks`, `gpus`, `nodes`, `events`) live with the read model in projections/cli.py.
+
+A request goes to `gw.api.<principal>.task.<verb>`: the principal of `--creds` (the
+server lets it publish there only), else, on an insecure cluster, `--owner` or `$USER`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 from gpuwarden.engine.errors import GpuwardenError
+from gpuwarden.engine.events import subject_token
 
-CREATE = "gw.api.task.create"
-CANCEL = "gw.api.task.cancel"
+CREATE = "create"
+CANCEL = "cancel"
+ANONYMOUS = "anonymous"
 DEFAULT_TIMEOUT_S = 5.0
 EXIT_REFUSED = 1
 
@@ -38,7 +44,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--min-gpu-memory-mb", type=int, metavar="MB", help="per-GPU memory floor")
     p.add_argument("--memory-mb", type=int, metavar="MB", help="container memory limit")
     p.add_argument("--name", help="a name for the task")
-    p.add_argument("--owner", help="who owns it")
+    p.add_argument("--owner", help="who owns it (with --creds: must be your principal, or omitted)")
     p.add_argument(
         "--env", action="append", default=[], metavar="K=V", help="environment (repeatable)"
     )
@@ -50,6 +56,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("cancel", help="cancel a task (stops its container)")
     p.add_argument("task_id", metavar="TASK")
     p.add_argument("--reason", help="why (recorded in task.cancelled)")
+    p.add_argument("--owner", help="who you are, on a cluster without credentials (default $USER)")
     _common(p)
     p.set_defaults(handler=run_cancel)
 
@@ -63,6 +70,24 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"seconds to wait for the API service (default {DEFAULT_TIMEOUT_S:g})",
     )
+
+
+def api_subject(principal: str, verb: str) -> str:
+    """Where `principal` (a subject token) sends a `verb` request, as
+    api_service.api_subject spells it."""
+    return f"gw.api.{principal}.task.{verb}"
+
+
+def principal_of(args: argparse.Namespace) -> str:
+    """Who this CLI speaks as: the credentials' principal (already a subject token: the
+    server's permissions name it as it is), else --owner or $USER made one."""
+    from gpuwarden.adapters.auth import load_credentials, resolve_creds
+
+    creds = resolve_creds(args)  # --creds, or the operator's where `up` made credentials
+    if creds:
+        return load_credentials(creds).principal
+    name = getattr(args, "owner", None) or os.environ.get("USER") or ANONYMOUS
+    return subject_token(name)
 
 
 def submit_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +120,7 @@ async def run_submit(args: argparse.Namespace) -> int:
     except GpuwardenError as exc:
         print(f"gpuwarden: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    answer = await call(args, CREATE, request)
+    answer = await call(args, api_subject(principal_of(args), CREATE), request)
     if "error" in answer:
         return _refused(answer)
     if args.json:
@@ -111,7 +136,7 @@ async def run_cancel(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {"task_id": args.task_id}
     if args.reason:
         request["reason"] = args.reason
-    answer = await call(args, CANCEL, request)
+    answer = await call(args, api_subject(principal_of(args), CANCEL), request)
     if "error" in answer:
         return _refused(answer)
     print(json.dumps(answer["event"], separators=(",", ":")) if args.json else answer["task_id"])

@@ -3,31 +3,57 @@
 The service holds no state of its own: it follows the log and folds it (the cluster's
 shape for validation, the supervisor's State for task status, client request ids for
 idempotency), so a restarted service knows everything the log knows. Its only writes
-are compare-and-set appends on one task's subject: `task.submitted` with an expected
+are compare-and-set appends on one task's aggregate: `task.submitted` with an expected
 last subject sequence of 0 (a task is created once, whoever asks twice), and
 `task.cancelled` against the sequence it read (a cancel never lands after the task
 ended). Allocation itself stays with the engine, which reacts to `task.submitted`.
 
 Requests and replies are JSON objects; an error reply is
 `{"error": {"code": ..., "field": ..., "message": ...}}` and stores nothing.
+
+Who asks is in the subject: a request goes to `gw.api.<principal>.task.<verb>`, and the
+NATS permissions `gpuwarden auth` writes let a principal publish only under its own name,
+so the token is the caller's authenticated identity (Kubernetes' NodeRestriction, for
+the task API). A task's owner is that principal; only the owner or an operator may
+cancel it or read its env. An insecure service (`trust_owner_field`, `up --insecure`)
+also serves the old subjects `gw.api.task.<verb>` and lets a request's `owner` field win.
+
+A task's env values are sealed to the cluster's env key before they are stored
+(`env_seal`): every reader of GW_EVENTS sees ciphertext, and only the engine, building the
+run command for the node that got the task, opens them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import anyio
 import anyio.abc
+import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
+from gpuwarden.adapters.env_seal import (
+    SEALED_PREFIX,
+    EnvKey,
+    EnvSealError,
+    is_sealed,
+    open_env,
+    seal_env,
+)
+from gpuwarden.engine.admission import Admission
 from gpuwarden.engine.errors import ConcurrencyError, GpuwardenError, TaskRequestError
 from gpuwarden.engine.events import (
+    Event,
     TaskCancelled,
     TaskSubmitted,
+    aggregate_of_subject,
     encode,
+    is_legacy_subject,
+    subject_token,
     task_subject,
     to_builtins,
 )
@@ -47,10 +73,16 @@ from nats.aio.msg import Msg
 
 log = logging.getLogger("gpuwarden.api")
 
+VERBS: Final = ("create", "cancel", "get", "list")
+API_SUBJECTS: Final = "gw.api.*.task.*"  # gw.api.<principal>.task.<verb>
+# The old subjects, without a principal: served only by an insecure service.
 CREATE: Final = "gw.api.task.create"
 CANCEL: Final = "gw.api.task.cancel"
 GET: Final = "gw.api.task.get"
 LIST: Final = "gw.api.task.list"
+LEGACY_SUBJECTS: Final = "gw.api.task.*"
+OPERATORS: Final = frozenset({"operator", "admin"})
+ME: Final = "me"  # list's owner filter for the caller
 QUEUE: Final = "gw-api"
 ACTOR: Final = "api"
 MAX_REQUEST_BYTES: Final = 256 * 1024
@@ -59,6 +91,30 @@ CANCEL_TRIES: Final = 5
 LIST_LIMIT: Final = 1000
 
 IdSource = Callable[[datetime], str]
+
+
+def api_subject(principal: str, verb: str) -> str:
+    """Where `principal` (a subject token, as auth's principal names are) sends a `verb`
+    request; api_cli spells the same."""
+    return f"gw.api.{principal}.task.{verb}"
+
+
+def route(subject: str) -> tuple[str, str | None] | None:
+    """(verb, principal) of an API subject; principal None on an old subject; None if
+    the subject is no API's."""
+    tokens = subject.split(".")
+    if len(tokens) == 5 and tokens[:2] == ["gw", "api"] and tokens[3] == "task":
+        principal, verb = tokens[2], tokens[4]
+        return (verb, principal) if verb in VERBS and principal else None
+    if len(tokens) == 4 and tokens[:3] == ["gw", "api", "task"] and tokens[3] in VERBS:
+        return tokens[3], None
+    return None
+
+
+class Admits(Protocol):
+    """engine/admission's Admission: the refusal reason for a stored message, or None."""
+
+    def admit(self, subject: str, event: Event) -> str | None: ...
 
 
 class ApiRequestError(GpuwardenError):
@@ -84,10 +140,25 @@ class ApiService:
         sync_timeout_s: float = 5.0,
         ready_timeout_s: float = 300.0,
         shared: bool = False,
+        trust_owner_field: bool = False,
+        operators: frozenset[str] = OPERATORS,
+        env_key: EnvKey | None = None,
+        admission: Admits | None = None,
     ) -> None:
         """`shared`: another reader in this process (the engine) feeds `follow()` and
-        sets `ready` once it has caught up; no subscription of its own."""
+        sets `ready` once it has caught up; no subscription of its own.
+
+        `trust_owner_field`: insecure (no authenticated principals): a request's `owner`
+        wins, and the old principal-less subjects are served. `operators`: principals
+        that may cancel any task and read any task's env. `env_key`: seals env at create
+        and opens it for owners and operators; without one env is stored in clear.
+        `admission`: the stored-message check (default: the engine's, engine/admission);
+        a refused record is counted in `refused` and not folded."""
         self.nc = nc
+        self.trust_owner_field = trust_owner_field
+        self.operators = operators
+        self.env_key = env_key
+        self.admission: Admits | None = admission if admission is not None else Admission()
         self.shared = shared
         self.log = log
         self.clock = clock
@@ -100,19 +171,39 @@ class ApiService:
         self.requests: dict[tuple[str, str], str] = {}  # (owner, request id) -> task id
         self.subject_seqs: dict[str, int] = {}
         self.folded = 0
+        self.fold_errors = 0  # records whose fold raised (logged, skipped)
+        self.refused = 0  # records admission refused (not folded)
         self.ready = anyio.Event()
         self._progress = anyio.Event()
 
     # --- following the log -----------------------------------------------------------
 
     def fold(self, record: StoredEvent) -> None:
+        """Fold one record; crash-only: no single record can stop the service."""
         if record.seq <= self.folded:
             return
         self.folded = record.seq
-        self.subject_seqs[record.subject] = record.seq
+        if not is_legacy_subject(record.subject):  # what the aggregate's CAS counts
+            self.subject_seqs[aggregate_of_subject(record.subject)] = record.seq
         event = record.event
         if event is None:
             return
+        try:
+            if self.admission is not None:
+                reason = self.admission.admit(record.subject, event)
+                if reason is not None:
+                    self.refused += 1
+                    log.warning("seq %d on %s not folded: %s", record.seq, record.subject, reason)
+                    return
+            self._fold_event(event)
+        except Exception as exc:
+            self.fold_errors += 1
+            why = f"{type(exc).__name__}: {exc}"  # a traceback's last line
+            log.error(
+                "seq %d on %s could not be folded, skipped: %s", record.seq, record.subject, why
+            )
+
+    def _fold_event(self, event: Event) -> None:
         self.shape = fold_shape(self.shape, event)
         if isinstance(event, TaskSubmitted) and event.request_id is not None:
             self.requests.setdefault((event.owner, event.request_id), event.task_id)
@@ -165,10 +256,8 @@ class ApiService:
                 await self.ready.wait()
             for _ in range(self.workers):
                 tg.start_soon(self._worker, receive.clone())
-            subs = [
-                await self.nc.subscribe(subject, queue=QUEUE, cb=enqueue)
-                for subject in (CREATE, CANCEL, GET, LIST)
-            ]
+            served = [API_SUBJECTS, LEGACY_SUBJECTS] if self.trust_owner_field else [API_SUBJECTS]
+            subs = [await self.nc.subscribe(subject, queue=QUEUE, cb=enqueue) for subject in served]
             try:
                 task_status.started()
                 await anyio.sleep_forever()
@@ -201,16 +290,17 @@ class ApiService:
     async def handle(self, subject: str, data: bytes) -> dict[str, Any]:
         """The reply to one request (also callable without NATS, for tests)."""
         handlers = {
-            CREATE: self.create,
-            CANCEL: self.cancel,
-            GET: self.get,
-            LIST: self.list_tasks,
+            "create": self.create,
+            "cancel": self.cancel,
+            "get": self.get,
+            "list": self.list_tasks,
         }
-        handler = handlers.get(subject)
+        found = route(subject)
         try:
-            if handler is None:
+            if found is None or (found[1] is None and not self.trust_owner_field):
                 raise ApiRequestError("invalid", f"no API on {subject}")
-            return await handler(_parse(data))
+            verb, principal = found
+            return await handlers[verb](_parse(data), principal)
         except TaskRequestError as exc:
             return _error("invalid", str(exc), exc.field)
         except ApiRequestError as exc:
@@ -220,26 +310,45 @@ class ApiService:
 
     # --- create ----------------------------------------------------------------------
 
-    async def create(self, request: Mapping[str, Any]) -> dict[str, Any]:
+    async def create(self, request: Mapping[str, Any], principal: str | None) -> dict[str, Any]:
         valid = validate_create(request, self.shape)
+        valid = dataclasses.replace(valid, owner=self._owner(valid.owner, principal))
+        _refuse_sealed_values(valid.env)
         key = (valid.owner, valid.request_id) if valid.request_id is not None else None
         if key is not None and key in self.requests:
             return await self._existing(self.requests[key], valid)
         now = self.clock.now()
         task_id = task_id_for_request(*key) if key is not None else self.ids(now)
         event = valid.to_event(task_id, self.ids(now), now, ACTOR)
+        if self.env_key is not None and event.env:
+            event = msgspec.structs.replace(
+                event, env=seal_env(event.env, self.env_key.public_bytes)
+            )
         size = len(encode(event))
         if size > MAX_EVENT_BYTES:  # the engine would dead-letter it: the task never runs
+            sealed = " (with its env sealed)" if self.env_key is not None and event.env else ""
             raise ApiRequestError(
                 "invalid",
-                f"the task is too large: its task.submitted would be {size} bytes, over "
-                f"the engine's limit of {MAX_EVENT_BYTES}",
+                f"the task is too large: its task.submitted{sealed} would be {size} bytes, "
+                f"over the engine's limit of {MAX_EVENT_BYTES}",
             )
         try:
             (seq,) = await self.log.append(task_subject(task_id), [event], 0)
         except ConcurrencyError:
             return await self._existing(task_id, valid)
         return {"task_id": task_id, "created": True, "seq": seq, "event": to_builtins(event)}
+
+    def _owner(self, given: str, principal: str | None) -> str:
+        """The owner of a task `principal` creates; `given` is the request's field."""
+        if principal is None:  # an old subject: insecure only
+            return given
+        if not given or self.trust_owner_field:
+            return given or principal
+        if given != principal and subject_token(given) != principal:
+            raise ApiRequestError(
+                "forbidden", f"owner comes from your credentials (you are {principal})", "owner"
+            )
+        return given  # the name whose subject token the caller is
 
     async def _existing(self, task_id: str, valid: ValidTask) -> dict[str, Any]:
         """The task a repeated request id already created, if it asked for the same."""
@@ -248,7 +357,16 @@ class ApiService:
             raise ApiRequestError(
                 "conflict", f"task {task_id} exists but its submission is unreadable"
             )
-        if not valid.same_request(submitted):
+        try:  # sealed values never compare equal: compare what they say
+            asked = msgspec.structs.replace(submitted, env=open_env(submitted.env, self.env_key))
+        except EnvSealError as exc:
+            raise ApiRequestError(
+                "conflict",
+                f"request_id {valid.request_id!r} was already used for task {task_id}, whose "
+                f"env cannot be compared here: {exc}",
+                "request_id",
+            ) from None
+        if not valid.same_request(asked):
             raise ApiRequestError(
                 "conflict",
                 f"request_id {valid.request_id!r} was already used for task {task_id} "
@@ -269,14 +387,23 @@ class ApiService:
 
     # --- cancel ----------------------------------------------------------------------
 
-    async def cancel(self, request: Mapping[str, Any]) -> dict[str, Any]:
+    async def cancel(self, request: Mapping[str, Any], principal: str | None) -> dict[str, Any]:
         task_id = _task_id(request)
         reason = request.get("reason") or DEFAULT_CANCEL_REASON
-        if not isinstance(reason, str) or len(reason) > 1024:
-            raise ApiRequestError("invalid", "reason must be a string (<= 1024 chars)", "reason")
+        if not isinstance(reason, str) or len(reason) > 1024 or "\x00" in reason:
+            raise ApiRequestError(
+                "invalid", "reason must be a string (<= 1024 chars, no NUL)", "reason"
+            )
         for _ in range(CANCEL_TRIES):
             await self.sync()
             task = self._task(task_id)
+            if not self._may_act_on(task, principal):
+                raise ApiRequestError(
+                    "forbidden",
+                    f"task {task_id} belongs to {task.spec.owner or 'nobody'}; only its owner "
+                    f"or an operator may cancel it (you are {principal})",
+                    "task_id",
+                )
             subject = task_subject(task_id)
             now = self.clock.now()
             current = task.current
@@ -290,11 +417,15 @@ class ApiService:
                 attempt=current.n if current is not None else None,
             )
             try:
-                (seq,) = await self.log.append(subject, [event], self.subject_seqs[subject])
+                (seq,) = await self.log.append(subject, [event], self.subject_seqs.get(subject, 0))
             except ConcurrencyError:
                 continue  # the task moved on meanwhile: look again
             return {"task_id": task_id, "seq": seq, "event": to_builtins(event)}
         raise ApiRequestError("conflict", f"task {task_id} kept changing; retry the cancel")
+
+    def _may_act_on(self, task: TaskState, principal: str | None) -> bool:
+        """The owner and the operators may; on an old subject (insecure) anyone may."""
+        return principal is None or principal in self.operators or owned_by(task, principal)
 
     def _task(self, task_id: str, *, for_cancel: bool = True) -> TaskState:
         task = self.state.tasks.get(task_id)
@@ -308,13 +439,33 @@ class ApiService:
 
     # --- reads -----------------------------------------------------------------------
 
-    async def get(self, request: Mapping[str, Any]) -> dict[str, Any]:
+    async def get(self, request: Mapping[str, Any], principal: str | None) -> dict[str, Any]:
         task_id = _task_id(request)
         await self.sync()
-        return {"task": task_summary(self._task(task_id, for_cancel=False))}
+        task = self._task(task_id, for_cancel=False)
+        summary = task_summary(task)
+        if principal is not None and self._may_act_on(task, principal):
+            try:
+                summary["env"] = open_env(task.spec.env, self.env_key)
+            except EnvSealError as exc:
+                summary["env_error"] = str(exc)
+        return {"task": summary}
 
-    async def list_tasks(self, request: Mapping[str, Any]) -> dict[str, Any]:
+    async def list_tasks(self, request: Mapping[str, Any], principal: str | None) -> dict[str, Any]:
         status, owner = request.get("status"), request.get("owner")
+        if owner == ME:
+            if principal is None:
+                raise ApiRequestError(
+                    "invalid",
+                    "owner 'me' needs a principal: ask on gw.api.<you>.task.list",
+                    "owner",
+                )
+            return await self._list(status, lambda t: owned_by(t, principal), request)
+        return await self._list(status, lambda t: owner is None or t.spec.owner == owner, request)
+
+    async def _list(
+        self, status: object, keep: Callable[[TaskState], bool], request: Mapping[str, Any]
+    ) -> dict[str, Any]:
         limit = request.get("limit", LIST_LIMIT)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= LIST_LIMIT:
             raise ApiRequestError("invalid", f"limit must be 1..{LIST_LIMIT}", "limit")
@@ -322,9 +473,25 @@ class ApiService:
         tasks = [
             task_summary(t)
             for t in self.state.tasks.values()
-            if (status is None or t.status == status) and (owner is None or t.spec.owner == owner)
+            if (status is None or t.status == status) and keep(t)
         ]
         return {"tasks": tasks[-limit:], "total": len(tasks)}
+
+
+def _refuse_sealed_values(env: Mapping[str, str]) -> None:
+    """A sealed value is the API's to make: one copied from another task's submission
+    would otherwise be opened by the engine into this task's container."""
+    for name, value in env.items():
+        if is_sealed(value):
+            raise ApiRequestError(
+                "invalid", f"env {name} may not start with {SEALED_PREFIX!r}", f"env.{name}"
+            )
+
+
+def owned_by(task: TaskState, principal: str) -> bool:
+    """Whether `principal` (a subject token) is the task's owner."""
+    owner = task.spec.owner
+    return bool(owner) and (owner == principal or subject_token(owner) == principal)
 
 
 def task_summary(task: TaskState) -> dict[str, Any]:
@@ -346,6 +513,7 @@ def task_summary(task: TaskState) -> dict[str, Any]:
         "rebuilds": task.rebuilds,
         "failure": task.failure.reason if task.failure is not None else None,
         "request_id": spec.request_id,
+        "env_names": sorted(spec.env),
     }
 
 

@@ -1,6 +1,6 @@
 """Task intake end to end: submit through the API to `task.scheduled` stored.
 
-A client keeps `--inflight` create requests open on `gw.api.task.create` (NATS
+A client keeps `--inflight` create requests open on `gw.api.bench.task.create` (NATS
 request-reply to the ApiService, which validates and appends `task.submitted` as a
 compare-and-set); the Engine folds the submission, places it and appends the
 allocation with `task.scheduled`. Every task carries a request id, so its task id is
@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
-from gpuwarden.adapters.api_service import CREATE, ApiService
+from gpuwarden.adapters.api_service import ApiService, api_subject
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
 from gpuwarden.engine import events as ev
@@ -41,6 +41,7 @@ from nats.js import api
 
 GPUS_PER_NODE = 8
 OWNER = "bench"
+CREATE = api_subject(OWNER, "create")  # the principal's own subject
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -174,7 +174,7 @@ async def test_two_engines_never_allocate_one_gpu_twice_and_every_task_completes
     engines: list[Side], nats_client: NatsClient, event_log: JetStreamEventLog
 ) -> None:
     await register_cluster(event_log)
-    api = ApiService(nats_client, event_log, VirtualClock(T0))
+    api = ApiService(nats_client, event_log, VirtualClock(T0), trust_owner_field=True)
     api_task = await start_service(api)
     try:
         task_ids = await submit_all(nats_client)
