@@ -526,20 +526,26 @@ class Admission:
         if reason is None:
             fold = _FOLDS.get(type(event))
             if fold is not None:
-                fold(self, event)
+                getattr(self, fold)(event)  # by name: a read model may fold its own way
         return reason
 
     # --- rules ---------------------------------------------------------------------
 
+    def attempts_of(self, task_id: str) -> Mapping[int, str] | None:
+        """A task's scheduled attempts and their nodes; None for a task never submitted.
+        (A read model that keeps this in its own rows answers from them instead.)"""
+        return self._tasks.get(task_id)
+
     def _task_exists(self, e: Any) -> Reason:
-        return None if e.task_id in self._tasks else f"no task {e.task_id}"
+        return None if self.attempts_of(e.task_id) is not None else f"no task {e.task_id}"
 
     def _new_task(self, e: TaskSubmitted) -> Reason:
-        return f"task {e.task_id} already submitted" if e.task_id in self._tasks else None
+        exists = self.attempts_of(e.task_id) is not None
+        return f"task {e.task_id} already submitted" if exists else None
 
     def _own_attempt(self, e: ContainerStarted | ContainerStartFailed | ContainerExited) -> Reason:
         """NodeRestriction: an agent speaks only of attempts scheduled on its node."""
-        attempts = self._tasks.get(e.task_id)
+        attempts = self.attempts_of(e.task_id)
         if attempts is None:
             return f"no task {e.task_id}"
         node = attempts.get(e.attempt)
@@ -569,7 +575,13 @@ class Admission:
         self._tasks[e.task_id] = {}
 
     def _fold_scheduled(self, e: TaskScheduled) -> None:
-        self._tasks[e.task_id][e.attempt] = e.node
+        self._tasks.setdefault(e.task_id, {})[e.attempt] = e.node
+
+    def seed_node(self, node: str, gpus: tuple[str, ...]) -> None:
+        """Start from a node's latest admitted registration (a read model's own rows)."""
+        self._node_gpus[node] = gpus
+        for uuid in gpus:
+            self._gpu_node.setdefault(uuid, node)
 
     def _fold_registered(self, e: NodeRegistered) -> None:
         for uuid in self._node_gpus.get(e.node, ()):
@@ -599,8 +611,8 @@ _STATE_RULES: Final[dict[type[Any], _Rule]] = {
     TaskCancelled: Admission._task_exists,
 }
 
-_FOLDS: Final[dict[type[Any], Callable[[Admission, Any], None]]] = {
-    TaskSubmitted: Admission._fold_submitted,
-    TaskScheduled: Admission._fold_scheduled,
-    NodeRegistered: Admission._fold_registered,
+_FOLDS: Final[dict[type[Any], str]] = {
+    TaskSubmitted: "_fold_submitted",
+    TaskScheduled: "_fold_scheduled",
+    NodeRegistered: "_fold_registered",
 }

@@ -10,13 +10,13 @@ store writes the dirty rows and the event index rows in one transaction per batc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
 from gpuwarden.engine import events as ev
-from gpuwarden.engine.admission import check_event, check_subject
+from gpuwarden.engine.admission import Admission, check_event, check_subject
 from gpuwarden.engine.ports import StoredEvent
 
 INVALID_TYPE: Final = "!invalid"
@@ -517,6 +517,67 @@ def screen(stored: StoredEvent) -> StoredEvent:
     return msgspec.structs.replace(stored, event=None, error=f"refused: {reason}")
 
 
+class _ModelAttempts(Mapping[int, str]):
+    """A task's scheduled attempts, read from the read model's attempt rows."""
+
+    __slots__ = ("model", "task")
+
+    def __init__(self, model: Model, task: str) -> None:
+        self.model = model
+        self.task = task
+
+    def __getitem__(self, attempt: int) -> str:
+        row = self.model.attempts.get((self.task, attempt))
+        if row is None or row.node is None or row.scheduled_at is None:
+            raise KeyError(attempt)
+        return row.node
+
+    def __iter__(self) -> Iterator[int]:
+        return (n for (task, n) in list(self.model.attempts) if task == self.task and n in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class ReadModelAdmission(Admission):
+    """The engine's admission, over the read model's own rows.
+
+    The read models resume from their checkpoint, so admission's state cannot be a fold
+    of the whole log here: which tasks exist and where each attempt was scheduled are
+    the task and attempt rows (the store loads a batch's rows before folding it, and
+    rows only ever come from admitted events); the nodes' GPUs are seeded from the node
+    rows when the store opens and folded as the engine folds them. So `tasks`, `events`
+    and `explain` refuse exactly what the engine dead-lettered.
+    """
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: Model) -> None:
+        super().__init__()
+        self.model = model
+
+    def attempts_of(self, task_id: str) -> Mapping[int, str] | None:
+        if task_id not in self.model.tasks:
+            return None
+        return _ModelAttempts(self.model, task_id)
+
+    def _fold_submitted(self, e: ev.TaskSubmitted) -> None:
+        pass  # the task's row is the record
+
+    def _fold_scheduled(self, e: ev.TaskScheduled) -> None:
+        pass  # the attempt's row is the record
+
+    def admitted(self, stored: StoredEvent) -> StoredEvent:
+        """The record as the read model folds it (a refused event kept as invalid)."""
+        e = stored.event
+        if e is None:
+            return stored
+        reason = self.admit(stored.subject, e)
+        if reason is None:
+            return stored
+        return msgspec.structs.replace(stored, event=None, error=f"refused: {reason}")
+
+
 def _apply(model: Model, e: Any, at: str | None) -> None:
     """Crash-only: a handler bug costs the one event's rows, never the projector."""
     try:
@@ -559,6 +620,7 @@ def project(model: Model, stored: StoredEvent) -> EventRow:
 def fold(events: Iterable[StoredEvent], model: Model | None = None) -> Model:
     """The read model of a whole log, in memory."""
     model = model or Model()
+    admission = ReadModelAdmission(model)
     for stored in events:
-        project(model, stored)
+        project(model, admission.admitted(stored))
     return model

@@ -38,11 +38,11 @@ from gpuwarden.projections.model import (
     GpuRow,
     Model,
     NodeRow,
+    ReadModelAdmission,
     TaskRow,
     keys_of,
     project_rows,
     project_values,
-    screen,
 )
 from gpuwarden.projections.writer import EVENTS_INSERT, HEADER, RAW_EVENTS, frame, unframe
 from gpuwarden.projections.writer import Statement as _Statement
@@ -322,6 +322,10 @@ def _select_in(conn: sqlite3.Connection, sql: str, keys: list[Any]) -> list[Any]
     return rows
 
 
+def _all_nodes(conn: sqlite3.Connection) -> list[Any]:
+    return conn.execute("SELECT * FROM nodes").fetchall()
+
+
 def _read_rows(
     conn: sqlite3.Connection, tasks: list[str], gpus: list[str], nodes: list[str]
 ) -> _Loaded:
@@ -416,6 +420,7 @@ class ProjectionStore:
         self._db: aiosqlite.Connection | None = None
         self._writer: _Writer | None = None
         self._model = Model()
+        self._admitting: ReadModelAdmission | None = None
         self._cache_complete = False  # every persisted row is in self._model
         self._checkpoint = 0
         self._planned = 0  # last sequence folded into memory (committed or in flight)
@@ -489,6 +494,7 @@ class ProjectionStore:
         async with db.execute("SELECT 1 FROM nodes LIMIT 1") as cur:
             empty = empty and await cur.fetchone() is None
         self._model = Model()
+        self._admitting = None
         self._cache_complete = empty
 
     async def _drop(self) -> None:
@@ -569,16 +575,20 @@ class ProjectionStore:
         last = self._planned
         for stored in batch:
             if stored.seq > last:
-                fresh.append(screen(stored))
+                fresh.append(stored)
                 last = stored.seq
         if not fresh:
             return None
         await self._load(fresh)
         model = self._model
+        admission = await self._admission()
         try:
+            # Each event is admitted against the rows as the events before it left them.
+            admitted = admission.admitted
             if raw:
                 rows, stored_rows = [], []
                 for stored in fresh:
+                    stored = admitted(stored)
                     if stored.event is not None and stored.data:
                         at = project_rows(model, stored.event)
                         stored_rows.append(
@@ -588,7 +598,8 @@ class ProjectionStore:
                         rows.append(project_values(model, stored))
                 events = [(_INSERT_EVENT, rows), (RAW_EVENTS, stored_rows)]
             else:
-                events = [(_INSERT_EVENT, [project_values(model, stored) for stored in fresh])]
+                rows = [project_values(model, admitted(stored)) for stored in fresh]
+                events = [(_INSERT_EVENT, rows)]
             tables = [
                 *events,
                 (_UPSERT_TASK, [_task_params(model.tasks[k]) for k in model.dirty_tasks]),
@@ -607,6 +618,7 @@ class ProjectionStore:
     def _forget(self) -> None:
         """Memory holds changes that will not be committed: drop it, reload from SQLite."""
         self._model = Model()
+        self._admitting = None
         self._cache_complete = False
         self._planned = self._checkpoint
 
@@ -634,6 +646,22 @@ class ProjectionStore:
             raise
         self._checkpoint = prepared.last
         self._wake(prepared.last)
+
+    async def _admission(self) -> ReadModelAdmission:
+        """Admission over the current model; its nodes' GPUs seeded from the node rows."""
+        admission = self._admitting
+        if admission is None:
+            admission = ReadModelAdmission(self._model)
+            if not self._cache_complete:
+                for values in await self.writer.call(_all_nodes):
+                    row = node_row(values)
+                    admission.seed_node(row.name, row.gpus)
+            else:
+                for row in self._model.nodes.values():
+                    admission.seed_node(row.name, row.gpus)
+            self._admitting = admission
+        admission.model = self._model  # the model is replaced when memory is evicted
+        return admission
 
     async def _load(self, batch: Sequence[StoredEvent]) -> None:
         """Bring the rows a batch touches into memory (unless memory already has all)."""

@@ -40,7 +40,9 @@ def explainer(request: pytest.FixtureRequest, tmp_path: Path) -> Explainer:
 
 
 def started(b: LogBuilder, attempt: int = 1, node: str = "n1", gpu: str = "G1") -> Any:
-    if attempt == 1:
+    if attempt == 1:  # the node first: admission takes a GPU's faults from its own node only
+        b.add(ev.NodeRegistered, node=node, runtime="sim", actor=f"agent:{node}",
+              gpus=(ev.GpuInfo(uuid=gpu, index=0),))  # fmt: skip
         b.add(ev.TaskSubmitted, task_id="t", name="job", image="img", command=("run",),
               owner="dana", actor="api")  # fmt: skip
     sched = b.add(ev.TaskScheduled, task_id="t", attempt=attempt, node=node, gpu_uuids=(gpu,))
