@@ -11,13 +11,14 @@ front ends can call them without the argparse/NATS plumbing.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
 import anyio
 import msgspec
@@ -98,13 +99,27 @@ def register(subparsers: Any) -> None:
 
 
 async def _fresh_store(path: Path, log: ReadableLog) -> ProjectionStore:
-    store = await ProjectionStore(path).open()
+    """The read model, caught up. Two commands run at once in one data directory catch
+    up one after the other (a lock file beside the database): each reads the checkpoint
+    and folds from there, so together they would write the same rows twice."""
+    lock = await anyio.to_thread.run_sync(_lock, path.with_name(path.name + ".lock"))
     try:
-        await _catch_up_checked(store, log)
-    except BaseException:
-        await store.close()
-        raise
+        store = await ProjectionStore(path).open()
+        try:
+            await _catch_up_checked(store, log)
+        except BaseException:
+            await store.close()
+            raise
+    finally:
+        lock.close()  # releases the lock
     return store
+
+
+def _lock(path: Path) -> IO[str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path, "a")
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    return lock
 
 
 StreamReader = Callable[[], Awaitable["StreamIdentity"]]
