@@ -679,6 +679,8 @@ def format_summary(issued: Sequence[Issued], out: Path) -> str:
         SUMMARY_FOOTER,
         f"Server authorization: {out / AUTH_CONF}; credentials: {out}/<principal>.creds "
         "(secret, mode 0600).",
+        f"Env key: {out / ENV_KEY} (secret): the engines' and the API's only (`gpuwarden "
+        "engine --env-key`); it opens the task env that the log holds sealed.",
     ]
     return "\n".join(lines) + "\n"
 
