@@ -1,26 +1,35 @@
 """Event-log throughput against raw nats-py on the same server in the same run.
 
 Appends: JetStreamEventLog.append vs js.publish_async with the same headers
-(`Nats-Msg-Id` on every message, `Nats-Expected-Last-Subject-Sequence` on the first
-of each guarded append), same append sizes and the same concurrency. Replay:
+(`Nats-Msg-Id` on every message, `Nats-Expected-Last-Subject-Sequence` and its
+`...-Subject` filter over the aggregate on the first of each guarded append) on the same
+subjects (`subject_of`), same append sizes and the same concurrency, each side on a
+connection of its own. Replay:
 JetStreamEventLog.read() vs a raw ordered push consumer over the same stream, once
 counting bare messages and once decoding each payload (the work any reader does).
 The server fsyncs every write, as the embedded one always does.
 
-Run: .venv/bin/python -m bench.bench_eventlog [--events N]
+With `--auth` the server runs a generated authorization (adapters/auth.py): ours connects
+as the `engine` principal (whose events these are), the raw baselines as `admin`, so
+both sides pay for authorization.
+
+Run: .venv/bin/python -m bench.bench_eventlog [--events N] [--auth]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
+from gpuwarden.adapters import auth
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
 from gpuwarden.engine import events as ev
@@ -31,6 +40,7 @@ from nats.js import api
 AT = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 CONCURRENCY = 16
 ROUNDS = 2
+VIOLATION = re.compile(r".*Violation.*")
 
 
 def make_events(n: int, task: str) -> list[ev.Event]:
@@ -71,6 +81,7 @@ async def run_concurrently(
 async def bench_appends(
     log: JetStreamEventLog, nc: NatsClient, total: int, per_append: int, guarded: bool
 ) -> tuple[float, float, float | None]:
+    """Ours on `log`, the raw baselines on `nc` (another connection)."""
     js = nc.jetstream()
 
     async def ours(subject: str, events: list[ev.Event]) -> None:
@@ -82,7 +93,12 @@ async def bench_appends(
             headers = {"Nats-Msg-Id": event.id}
             if guarded and index == 0:
                 headers["Nats-Expected-Last-Subject-Sequence"] = "0"
-            futures.append(await js.publish_async(subject, ev.encode(event), headers=headers))
+                headers["Nats-Expected-Last-Subject-Sequence-Subject"] = ev.aggregate_filter(
+                    subject
+                )
+            futures.append(
+                await js.publish_async(ev.subject_of(event), ev.encode(event), headers=headers)
+            )
         await asyncio.gather(*futures)
 
     async def raw_batch(subject: str, events: list[ev.Event]) -> None:
@@ -95,11 +111,16 @@ async def bench_appends(
             }
             if number == 1:
                 headers["Nats-Expected-Last-Subject-Sequence"] = "0"
+                headers["Nats-Expected-Last-Subject-Sequence-Subject"] = ev.aggregate_filter(
+                    subject
+                )
             if number < len(events):
-                await nc.publish(subject, ev.encode(event), headers=headers)
+                await nc.publish(ev.subject_of(event), ev.encode(event), headers=headers)
             else:
                 headers["Nats-Batch-Commit"] = "1"
-                await nc.request(subject, ev.encode(event), headers=headers, timeout=30)
+                await nc.request(
+                    ev.subject_of(event), ev.encode(event), headers=headers, timeout=30
+                )
 
     tag = f"{'g' if guarded else 'p'}{per_append}-"
     cases = {"raw": raw, "ours": ours}
@@ -151,14 +172,32 @@ async def bench_replay(log: JetStreamEventLog, nc: NatsClient) -> tuple[float, f
     return ours, await raw(False), await raw(True)
 
 
-async def main(total: int) -> None:
+async def main(total: int, use_auth: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedNats(Path(tmp)) as server:
-            nc = await connect(server.url)
+        creds = Path(tmp) / "auth"
+        ours_creds = raw_creds = None
+        server_options: dict[str, Any] = {}
+        if use_auth:
+            auth.generate(creds, nodes=[])
+            ours_creds = str(creds / f"{auth.ROLE_ENGINE}{auth.CREDS_SUFFIX}")
+            raw_creds = str(creds / f"{auth.ROLE_ADMIN}{auth.CREDS_SUFFIX}")
+            reader = auth.load_credentials(creds / f"{auth.ROLE_READER}{auth.CREDS_SUFFIX}")
+            server_options = {
+                "authorization": creds / auth.AUTH_CONF,
+                "probe_options": auth.connect_options(reader),
+            }
+        async with EmbeddedNats(Path(tmp), **server_options) as server:
+            ours_nc = await connect(server.url, creds=ours_creds, name="ours")
+            nc = await connect(server.url, creds=raw_creds, name="raw")
             try:
-                log = JetStreamEventLog(nc, timeout_s=30)
+                log = JetStreamEventLog(ours_nc, timeout_s=30)
                 await log.ensure_streams()
                 print(f"nats-server with sync_interval=always; {total} events per case")
+                print(
+                    "authorization on: ours as engine, raw as admin"
+                    if use_auth
+                    else "authorization off"
+                )
                 print(f"{'case':<38}{'ours/s':>10}{'raw/s':>10}{'ratio':>8}")
                 for per_append, guarded in ((100, False), (10, True), (1, True)):
                     ours, raw, batch = await bench_appends(log, nc, total, per_append, guarded)
@@ -179,9 +218,20 @@ async def main(total: int) -> None:
                 )
             finally:
                 await nc.close()
+                await ours_nc.close()
+        violations = VIOLATION.findall((server.home / "nats.log").read_text(errors="replace"))
+    print(f"server log: {len(violations)} permission violations")
+    for line in violations[:5]:
+        print(f"  {line.strip()}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=3000)
-    anyio.run(main, parser.parse_args().events)
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="run the server with generated authorization, each side as its principal",
+    )
+    args = parser.parse_args()
+    anyio.run(main, args.events, args.auth)
