@@ -44,7 +44,7 @@ from gpuwarden.adapters.env_seal import (
     open_env,
     seal_env,
 )
-from gpuwarden.engine.admission import Admission
+from gpuwarden.engine.admission import MAX_EVENT_BYTES, Admission, check_size
 from gpuwarden.engine.errors import ConcurrencyError, GpuwardenError, TaskRequestError
 from gpuwarden.engine.events import (
     Event,
@@ -66,7 +66,6 @@ from gpuwarden.engine.intake import (
     validate_create,
 )
 from gpuwarden.engine.ports import Clock, EventLog, StoredEvent
-from gpuwarden.engine.runtime import MAX_EVENT_BYTES
 from gpuwarden.engine.supervisor import TERMINAL, State, TaskState, evolve, initial_state
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -187,6 +186,11 @@ class ApiService:
             self.subject_seqs[aggregate_of_subject(record.subject)] = record.seq
         event = record.event
         if event is None:
+            return
+        too_large = check_size(len(record.data))
+        if too_large is not None:  # the engine dead-letters it: it never happened
+            self.refused += 1
+            log.warning("seq %d on %s not folded: %s", record.seq, record.subject, too_large)
             return
         try:
             if self.admission is not None:

@@ -487,6 +487,16 @@ def check_subject(subject: str, event: Event) -> str | None:
         return f"subject: unreadable event ({type(exc).__name__})"
 
 
+MAX_EVENT_BYTES: Final = 256 * 1024  # a stored message's payload; larger is refused
+
+
+def check_size(size: int) -> str | None:
+    """A stored message larger than any reader folds (every reader applies this)."""
+    if size > MAX_EVENT_BYTES:
+        return f"event of {size} bytes exceeds {MAX_EVENT_BYTES}"
+    return None
+
+
 # --- the stateful part ---------------------------------------------------------------
 
 _Rule = Callable[["Admission", Any], Reason]

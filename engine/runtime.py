@@ -27,7 +27,7 @@ from typing import NoReturn, Protocol
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from gpuwarden.engine.admission import Admission
+from gpuwarden.engine.admission import MAX_EVENT_BYTES, Admission
 from gpuwarden.engine.commands import Command
 from gpuwarden.engine.errors import ConcurrencyError, EventLogError
 from gpuwarden.engine.events import (
@@ -66,7 +66,6 @@ from gpuwarden.engine.supervisor import (
 
 log = logging.getLogger("gpuwarden.engine")
 
-MAX_EVENT_BYTES = 256 * 1024
 MAX_TRIGGERS_PER_ROUND = 512
 MAX_BATCH = 500
 # Header on every decision: a short hash of the policy that decided, so `replay --check`

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import msgspec
 from gpuwarden.engine import events as ev
-from gpuwarden.engine.admission import Admission, check_event, check_subject
+from gpuwarden.engine.admission import Admission, check_event, check_size, check_subject
 from gpuwarden.engine.ports import StoredEvent
 
 INVALID_TYPE: Final = "!invalid"
@@ -511,7 +511,7 @@ def screen(stored: StoredEvent) -> StoredEvent:
     e = stored.event
     if e is None:
         return stored
-    reason = check_subject(stored.subject, e) or check_event(e)
+    reason = check_size(len(stored.data)) or check_subject(stored.subject, e) or check_event(e)
     if reason is None:
         return stored
     return msgspec.structs.replace(stored, event=None, error=f"refused: {reason}")
@@ -572,7 +572,7 @@ class ReadModelAdmission(Admission):
         e = stored.event
         if e is None:
             return stored
-        reason = self.admit(stored.subject, e)
+        reason = check_size(len(stored.data)) or self.admit(stored.subject, e)
         if reason is None:
             return stored
         return msgspec.structs.replace(stored, event=None, error=f"refused: {reason}")

@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from gpuwarden.engine.admission import Admission
+from gpuwarden.engine.admission import MAX_EVENT_BYTES, Admission
 from gpuwarden.engine.errors import GpuwardenError
 from gpuwarden.engine.events import (
     Event,
@@ -40,7 +40,7 @@ from gpuwarden.engine.events import (
 )
 from gpuwarden.engine.policy import DEFAULT_POLICY, Policy
 from gpuwarden.engine.ports import BASIS_HEADER, TRIGGER_HEADER, StoredEvent
-from gpuwarden.engine.runtime import MAX_EVENT_BYTES, POLICY_HEADER, policy_digest
+from gpuwarden.engine.runtime import POLICY_HEADER, policy_digest
 from gpuwarden.engine.supervisor import (
     State,
     TaskState,
