@@ -205,7 +205,7 @@ def event_json(row: EventRow) -> str:
     data: dict[str, Any] = msgspec.to_builtins(row)
     try:
         data["payload"] = json.loads(row.payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # kept as text: a stored message cannot stop this
         pass
     return json.dumps(data, separators=(",", ":"))
 
