@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -356,14 +357,34 @@ class JetStreamEventLog:
         duplicate_window_s: float = 300.0,
         timeout_s: float = 5.0,
         heartbeat_s: float = 2.0,
+        msg_id_key: bytes | None = None,
     ) -> None:
+        """`msg_id_key`: a secret of this process that keys each append's Nats-Msg-Id.
+
+        Msg-id de-duplication is stream-wide, and a decision's id derives from the event
+        it is about, so anyone who may append at all could store junk under the msg id
+        of a decision it can foresee: the engine's batch would then be refused as a
+        duplicate, for the whole duplicate window, and every decision behind it would
+        wait. Keyed, the engine's msg ids cannot be foreseen; a retry in this process
+        still de-duplicates, and a restarted engine's re-derived batch meets the
+        compare-and-set instead (the subjects moved when the first one was stored).
+        """
         self.nc = nc
         self.js = nc.jetstream(timeout=timeout_s)
+        self.msg_id_key = msg_id_key
         self.replicas = replicas
         self.duplicate_window_s = duplicate_window_s
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
         self._acks = _PubAcks(nc)
+
+    def msg_id(self, event_id: str) -> str:
+        """The Nats-Msg-Id an event is appended under: its id, keyed where a key is set."""
+        key = self.msg_id_key
+        if key is None:
+            return event_id
+        tag = hashlib.blake2b(event_id.encode(), key=key, digest_size=8).hexdigest()
+        return f"{event_id}-{tag}"
 
     async def ensure_streams(self) -> None:
         for config in (
@@ -456,7 +477,7 @@ class JetStreamEventLog:
         try:
             with anyio.fail_after(self.timeout_s + len(events) / 1000):
                 for index, event in enumerate(events):
-                    hdr = {**base, MSG_ID: event.id}
+                    hdr = {**base, MSG_ID: self.msg_id(event.id)}
                     if index == 0 and expected is not None:
                         hdr[EXPECTED_LAST_SUBJECT_SEQ] = str(expected)
                         hdr[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = aggregate_filter(subject)
@@ -496,7 +517,7 @@ class JetStreamEventLog:
             found = await self._get_msg(
                 {"seq": after + 1, "next_by_subj": aggregate_filter(subject)}
             )
-            if found is None or found.headers.get(MSG_ID) != event.id:
+            if found is None or found.headers.get(MSG_ID) != self.msg_id(event.id):
                 return None
             after = found.seq
             seqs.append(after)
@@ -542,7 +563,12 @@ class JetStreamEventLog:
         last = len(events)
         try:
             for number, (subject, event) in enumerate(zip(subjects, events, strict=True), 1):
-                hdr = {**base, MSG_ID: event.id, BATCH_ID: batch_id, BATCH_SEQ: str(number)}
+                hdr = {
+                    **base,
+                    MSG_ID: self.msg_id(event.id),
+                    BATCH_ID: batch_id,
+                    BATCH_SEQ: str(number),
+                }
                 aggregate = aggregate_of_subject(subject)
                 if aggregate in expected and aggregate not in guarded:
                     hdr[EXPECTED_LAST_SUBJECT_SEQ] = str(expected[aggregate])
@@ -602,7 +628,7 @@ class JetStreamEventLog:
         else:
             anchor = len(events) - 1
             found = await self._get_msg({"last_by_subj": subjects[anchor]})
-        if found is not None and found.headers.get(MSG_ID) == events[anchor].id:
+        if found is not None and found.headers.get(MSG_ID) == self.msg_id(events[anchor].id):
             start = found.seq - anchor
             seqs = list(range(start, start + len(events)))
             if await self._ids_at(seqs, events):
@@ -620,7 +646,7 @@ class JetStreamEventLog:
     async def _ids_at(self, seqs: Sequence[int], events: Sequence[Event]) -> bool:
         for seq, event in zip(seqs, events, strict=True):
             found = await self._get_msg({"seq": seq})
-            if found is None or found.headers.get(MSG_ID) != event.id:
+            if found is None or found.headers.get(MSG_ID) != self.msg_id(event.id):
                 return False
         return True
 

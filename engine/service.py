@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -166,7 +167,11 @@ async def serve_engine(
     nc = await connect_with(args, url, "gpuwarden-engine")
     api_nc = None
     try:
-        event_log = JetStreamEventLog(nc, replicas=getattr(args, "replicas", 1))
+        # Its appends' msg ids keyed by a secret of this process: nobody can foresee and
+        # squat the msg id of a decision (see JetStreamEventLog).
+        event_log = JetStreamEventLog(
+            nc, replicas=getattr(args, "replicas", 1), msg_id_key=os.urandom(16)
+        )
         await event_log.ensure_streams()
         bus = JetStreamCommandBus(nc)
         clock = SystemClock()
@@ -211,7 +216,7 @@ async def serve_engine(
             tg.start_soon(feed_liveness, NatsHeartbeats(nc), liveness, clock)
             if api is not None:
                 api.ready.set()  # the engine has caught up, and the API with it
-                tg.start_soon(api.serve)
+                await tg.start(api.serve)  # listening before anyone is told the URL
             if getattr(args, "metrics_port", None) is not None:
                 port = await tg.start(serve_metrics, metrics, args.metrics_port, args.metrics_host)
                 print(
