@@ -170,3 +170,20 @@ async def test_a_fold_that_raises_is_dead_lettered(
     await running_task(world, "t2")
     seq = next(r.seq for r in await world.records() if r.event == cancel)
     assert (await dead_letters(world))[seq].startswith("handler error: RuntimeError: fold bug")
+
+
+async def test_a_log_of_the_old_subject_scheme_still_folds(world: World) -> None:
+    """Scheme 1 stored each event on its aggregate's own subject: such a log is still
+    admitted and folded, and the engine decides on it (writing scheme 2 from then on)."""
+    t0 = world.clock.now()
+    node = ev.NodeRegistered(id="old1", at=t0, actor="agent:n1", node="n1", runtime="sim",
+                             gpus=(ev.GpuInfo(uuid="n1/0", index=0),))  # fmt: skip
+    task = ev.TaskSubmitted(id="old2", at=t0, actor="api", task_id="t1", name="t1",
+                            image="i", command=("x",))  # fmt: skip
+    for event in (node, task):
+        await publish_raw(world.log, ev.legacy_subject_of(event), ev.encode(event), event.id)
+    await world.settle()
+    assert world.engine.state.tasks["t1"].status == "running"
+    scheduled = [r for r in await world.records() if isinstance(r.event, ev.TaskScheduled)]
+    assert [r.subject for r in scheduled] == ["gw.evt.task.t1.engine"]
+    assert world.engine.metrics.dead_letters == {}
