@@ -288,12 +288,26 @@ DEAD_LETTER_SUBJECT: Final = "gw.dlq"
 _TOKEN_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
+_TOKENS: dict[str, str] = {}  # a memo: every event's subject needs two or three tokens
+_TOKENS_MAX: Final = 1 << 16
+
+
 def subject_token(value: str) -> str:
     """A value made safe as one NATS subject token (no dots, spaces or wildcards).
 
     Names that are already safe pass unchanged; others get a stable escape, so two
     different values never share a subject.
     """
+    token = _TOKENS.get(value)
+    if token is None:
+        token = _escape(value)
+        if len(_TOKENS) >= _TOKENS_MAX:
+            _TOKENS.clear()
+        _TOKENS[value] = token
+    return token
+
+
+def _escape(value: str) -> str:
     if _TOKEN_OK.match(value):
         return value
     digest = hashlib.blake2b(value.encode(), digest_size=6).hexdigest()

@@ -16,7 +16,13 @@ from typing import Any, Final
 
 import msgspec
 from gpuwarden.engine import events as ev
-from gpuwarden.engine.admission import Admission, check_event, check_size, check_subject
+from gpuwarden.engine.admission import (
+    MAX_EVENT_BYTES,
+    Admission,
+    check_event,
+    check_size,
+    check_subject,
+)
 from gpuwarden.engine.ports import StoredEvent
 
 INVALID_TYPE: Final = "!invalid"
@@ -556,6 +562,9 @@ class ReadModelAdmission(Admission):
         super().__init__()
         self.model = model
 
+    def has_task(self, task_id: str) -> bool:
+        return task_id in self.model.tasks
+
     def attempts_of(self, task_id: str) -> Mapping[int, str] | None:
         if task_id not in self.model.tasks:
             return None
@@ -572,7 +581,8 @@ class ReadModelAdmission(Admission):
         e = stored.event
         if e is None:
             return stored
-        reason = check_size(len(stored.data)) or self.admit(stored.subject, e)
+        size = len(stored.data)
+        reason = check_size(size) if size > MAX_EVENT_BYTES else self.admit(stored.subject, e)
         if reason is None:
             return stored
         return msgspec.structs.replace(stored, event=None, error=f"refused: {reason}")
