@@ -1,3 +1,3 @@
 """Shared fixtures live in tests/fixtures/* (one module per real part)."""
 
-pytest_plugins = ["tests.fixtures.nats", "tests.fixtures.docker"]
+pytest_plugins = ["tests.fixtures.nats", "tests.fixtures.docker", "tests.fixtures.engine"]

@@ -9,27 +9,16 @@ check the engine goes on deciding, now and after a restart.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import anyio
 import pytest
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
+from gpuwarden.adapters.jetstream import JetStreamEventLog
 from gpuwarden.engine import events as ev
 from gpuwarden.engine import supervisor
 from gpuwarden.engine.runtime import Engine
 
 from tests.test_runtime import World, register, start_engine, stop_engine
-
-
-@pytest.fixture
-async def world(
-    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
-) -> AsyncIterator[World]:
-    w = World(event_log, command_bus)
-    task = await start_engine(w.engine)
-    yield w
-    await stop_engine(task)
-
 
 EXIT_SUBJECT = "gw.evt.task.t1.node.n1"
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-import pytest
 from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.engine import events as ev
@@ -65,16 +63,6 @@ async def stop_engine(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-@pytest.fixture
-async def world(
-    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
-) -> AsyncIterator[World]:
-    w = World(event_log, command_bus)
-    task = await start_engine(w.engine)
-    yield w
-    await stop_engine(task)
 
 
 async def register(w: World, node: str, gpus: int) -> None:

@@ -152,6 +152,16 @@ async def reads_answer(up: Up, task: str) -> None:
     assert any(row["id"] == task for row in json.loads(results["tasks"].stdout))
 
 
+async def running_task(up: Up) -> tuple[Conn, JetStreamEventLog, str, str]:
+    """The operator's connection and log, and a task running on node local (its GPU)."""
+    operator = await up.conn("operator")
+    log = JetStreamEventLog(operator.nc)
+    task = await up.submit("sleep", "300")
+    (scheduled,) = await wait_for(log, task, ev.TaskScheduled)
+    await wait_for(log, task, ev.ContainerStarted)
+    return operator, log, task, scheduled.gpu_uuids[0]
+
+
 def raw_exit(task: str, **changes: object) -> bytes:
     body: dict[str, object] = {
         "type": "container.exited",
@@ -204,12 +214,7 @@ async def test_poison_exits_are_dead_lettered_and_up_survives_a_restart(up: Up) 
 
 
 async def test_forgeries_are_refused_by_the_server(up: Up) -> None:
-    operator = await up.conn("operator")
-    log = JetStreamEventLog(operator.nc)
-    task = await up.submit("sleep", "300")
-    (scheduled,) = await wait_for(log, task, ev.TaskScheduled)
-    await wait_for(log, task, ev.ContainerStarted)
-    gpu = scheduled.gpu_uuids[0]
+    operator, log, task, gpu = await running_task(up)
     before = await log.last_seq()
     cmds_before = (await operator.nc.jetstream().stream_info(ev.COMMANDS_STREAM)).state.last_seq
     n2 = await up.conn("node-n2")
@@ -247,12 +252,7 @@ async def test_forgeries_are_refused_by_the_server(up: Up) -> None:
 
 
 async def test_what_a_node_may_write_but_means_wrong_is_dead_lettered(up: Up) -> None:
-    operator = await up.conn("operator")
-    log = JetStreamEventLog(operator.nc)
-    task = await up.submit("sleep", "300")
-    (scheduled,) = await wait_for(log, task, ev.TaskScheduled)
-    await wait_for(log, task, ev.ContainerStarted)
-    gpu = scheduled.gpu_uuids[0]
+    operator, _, task, gpu = await running_task(up)
     n2 = (await up.conn("node-n2")).nc.jetstream()
     at = "2026-12-04T13:50:00Z"
     forged = [
