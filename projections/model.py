@@ -277,8 +277,15 @@ def _on_task_scheduled(model: Model, e: Any, at: str | None) -> None:
     attempt.scheduled_at = at
 
 
+_ENDED: Final = frozenset({"completed", "failed", "cancelled"})
+
+
 def _on_container_started(model: Model, e: Any, at: str | None) -> None:
-    _task_event(model, e.task_id, at).state = "running"
+    task = _task_event(model, e.task_id, at)
+    # A start can land after the task ended (a cancel that raced the run) or after a
+    # rebuild moved on: only the current attempt of a live task makes it running.
+    if task.state not in _ENDED and task.current_attempt in (None, e.attempt):
+        task.state = "running"
     attempt = model.attempt(e.task_id, e.attempt)
     attempt.node = attempt.node or e.node
     attempt.container_id = e.container_id

@@ -310,3 +310,20 @@ def test_format_time_is_utc_isoformat_with_microseconds(value: datetime) -> None
 @given(st.datetimes(timezones=st.just(UTC)))
 def test_format_time_agrees_with_isoformat_for_any_utc_time(value: datetime) -> None:
     assert m.format_time(value) == value.isoformat(timespec="microseconds")
+
+
+def test_a_start_after_the_task_ended_does_not_revive_it() -> None:
+    """A cancel can race the run: the container's start (and its exit) land after the
+    task.cancelled, and the read model must keep saying cancelled, as the engine does."""
+    from gpuwarden.engine import events as ev
+
+    from tests.test_projections_log import LogBuilder
+
+    b = LogBuilder()
+    b.add(ev.NodeRegistered, node="n1", runtime="sim", gpus=(ev.GpuInfo(uuid="G1", index=0),))
+    b.add(ev.TaskSubmitted, task_id="t", name="t", image="i", command=("x",), actor="api")
+    b.add(ev.TaskScheduled, task_id="t", attempt=1, node="n1", gpu_uuids=("G1",))
+    b.add(ev.TaskCancelled, task_id="t", reason="by owner", attempt=1, actor="api")
+    b.add(ev.ContainerStarted, task_id="t", attempt=1, node="n1", container_id="c1")
+    b.add(ev.ContainerExited, task_id="t", attempt=1, node="n1", container_id="c1", exit_code=137)
+    assert m.fold(b.stored).tasks["t"].state == "cancelled"
