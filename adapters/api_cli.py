@@ -151,6 +151,29 @@ def _refused(answer: dict[str, Any]) -> int:
     return EXIT_REFUSED
 
 
+async def request_as(nc: Any, subject: str, data: bytes, wait_s: float) -> Any:
+    """A request whose reply comes to the caller's own inbox, `_INBOX.<principal>.`,
+    the principal being the subject's: the task API answers nowhere else (a reply
+    subject of the caller's choosing would let it write wherever the caller names).
+    Connected with gpuwarden credentials, the connection's own inbox is that already."""
+    import nats.errors
+    from gpuwarden.adapters.api_service import route
+
+    found = route(subject)
+    if found is None or found[1] is None:
+        return await nc.request(subject, data, timeout=wait_s)
+    inbox = f"_INBOX.{found[1]}.{nc.new_inbox().rsplit('.', 1)[-1]}"
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        await nc.publish(subject, data, reply=inbox)
+        reply = await sub.next_msg(timeout=wait_s)
+    finally:
+        await sub.unsubscribe()
+    if not reply.data and (reply.headers or {}).get("Status") == "503":
+        raise nats.errors.NoRespondersError  # the server's answer: nobody subscribes
+    return reply
+
+
 async def call(args: argparse.Namespace, subject: str, request: dict[str, Any]) -> dict[str, Any]:
     """One request-reply round trip; raises ApiUnavailableError when nobody answers."""
     import nats.errors
@@ -159,7 +182,7 @@ async def call(args: argparse.Namespace, subject: str, request: dict[str, Any]) 
     async with nats_url(args) as url:
         nc = await connect_with(args, url, "gpuwarden-cli", max_reconnect_attempts=0)
         try:
-            reply = await nc.request(subject, json.dumps(request).encode(), timeout=args.timeout)
+            reply = await request_as(nc, subject, json.dumps(request).encode(), args.timeout)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             raise ApiUnavailableError(
                 f"no gpuwarden engine is answering on {subject} within {args.timeout:g}s "

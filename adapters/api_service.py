@@ -281,6 +281,9 @@ class ApiService:
         if not msg.reply:
             log.warning("request on %s without a reply subject ignored", msg.subject)
             return
+        if not self.reply_allowed(msg.subject, msg.reply):
+            log.warning("request on %s with reply subject %s ignored", msg.subject, msg.reply)
+            return
         try:
             answer = await self.handle(msg.subject, msg.data)
         except Exception as exc:  # one bad request never stops the service
@@ -290,6 +293,16 @@ class ApiService:
             await self.nc.publish(msg.reply, json.dumps(answer, default=str).encode())
         except Exception as exc:
             log.error("reply on %s failed: %s", msg.subject, exc)
+
+    def reply_allowed(self, subject: str, reply: str) -> bool:
+        """A reply goes only to the caller's own inbox, `_INBOX.<principal>.`: the API may
+        answer any request (allow_responses), so a reply subject of the caller's choosing
+        would let it write, as the API, wherever the caller names (a node's subject, a
+        task's, another node's commands). Without authorization there is no principal."""
+        if self.trust_owner_field:
+            return True
+        found = route(subject)
+        return found is not None and reply.startswith(f"_INBOX.{found[1]}.")
 
     async def handle(self, subject: str, data: bytes) -> dict[str, Any]:
         """The reply to one request (also callable without NATS, for tests)."""

@@ -80,9 +80,14 @@ async def register(log: JetStreamEventLog, node: str, gpus: int) -> None:
     await log.append(ev.subject_of(event), [event])
 
 
+async def request(nc: NatsClient, subject: str, data: bytes) -> Any:
+    """As the subject's principal asks: the reply comes to its own inbox."""
+    return await api_cli.request_as(nc, subject, data, 5)
+
+
 async def ask(nc: NatsClient, subject: str, body: Any) -> dict[str, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    reply = await nc.request(subject, data, timeout=5)
+    reply = await request(nc, subject, data)
     answer: dict[str, Any] = json.loads(reply.data)
     return answer
 
@@ -327,7 +332,7 @@ async def test_get_shows_the_env_to_its_owner_and_operators_only(
     keyed: ApiService, nats_client: NatsClient
 ) -> None:
     task_id = (await ask(nats_client, ada("create"), {**TASK, "env": SECRET_ENV}))["task_id"]
-    reply = await nats_client.request(bob("get"), json.dumps({"task_id": task_id}).encode(), 5)
+    reply = await request(nats_client, bob("get"), json.dumps({"task_id": task_id}).encode())
     assert SECRET.encode() not in reply.data
     other = json.loads(reply.data)["task"]
     assert "env" not in other and other["env_names"] == ["HF_TOKEN", "SEED"]
@@ -564,3 +569,17 @@ async def test_the_largest_env_intake_allows_still_fits_once_sealed(
     assert (await ask(nats_client, ada("get"), {"task_id": answer["task_id"]}))["task"][
         "env"
     ] == env
+
+
+async def test_a_reply_goes_only_to_the_callers_own_inbox(
+    api: ApiService, nats_client: NatsClient, event_log: JetStreamEventLog
+) -> None:
+    """The API may answer any request, so a reply subject of the caller's choosing would
+    let a user write, as the API, onto a task's or a node's subject: it is ignored."""
+    assert api.reply_allowed(ada("get"), "_INBOX.ada.x1")
+    assert not api.reply_allowed(ada("get"), "_INBOX.bob.x1")
+    assert not api.reply_allowed(ada("get"), "gw.evt.node.n1.node.n1")
+    before = await event_log.last_seq()
+    await nats_client.publish(ada("list"), b"{}", reply="gw.evt.task.forged.api")
+    assert "tasks" in await ask(nats_client, ada("list"), {})  # handled after the forgery
+    assert await event_log.last_seq() == before
