@@ -44,6 +44,7 @@ that has several filters).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -332,8 +333,10 @@ class Credentials:
     path: Path
 
     @property
-    def inbox_prefix(self) -> str | None:
-        return f"_INBOX.{self.principal}" if self.seed is not None else None
+    def inbox_prefix(self) -> str:
+        """Its inbox, `_INBOX.<principal>`: the task API answers only there (a JWT
+        user's permissions must allow it to subscribe `_INBOX.<its name>.>`)."""
+        return f"_INBOX.{self.principal}"
 
     def public_key(self) -> str:
         if self.seed is None:
@@ -344,8 +347,21 @@ class Credentials:
 def connect_options(creds: Credentials) -> dict[str, Any]:
     """nats-py connect options for these credentials."""
     if creds.seed is None:
-        return {"user_credentials": str(creds.path)}
+        return {"user_credentials": str(creds.path), "inbox_prefix": creds.inbox_prefix}
     return {"nkeys_seed_str": creds.seed, "inbox_prefix": creds.inbox_prefix}
+
+
+def msg_id_key(path: str | os.PathLike[str] | None) -> bytes | None:
+    """The key of a principal's msg ids (JetStreamEventLog's `msg_id_key`), so nobody
+    can store junk first under the msg id of an event it foresees (de-duplication is
+    stream-wide, and some ids derive from what the log shows). Derived from the seed,
+    so a restarted agent's retry still de-duplicates; None without credentials."""
+    if path is None:
+        return None
+    creds = load_credentials(path)
+    if creds.seed is None:  # a JWT file: no seed of ours to derive from
+        return os.urandom(16)
+    return hashlib.blake2b(creds.seed.encode(), digest_size=32, person=b"gw-msg-id").digest()
 
 
 def load_credentials(path: str | os.PathLike[str]) -> Credentials:

@@ -179,11 +179,12 @@ async def connect_with(args: argparse.Namespace, url: str, name: str, **options:
 
 @asynccontextmanager
 async def event_log_at(args: argparse.Namespace, url: str) -> AsyncIterator[JetStreamEventLog]:
+    from gpuwarden.adapters.auth import msg_id_key, resolve_creds
     from gpuwarden.adapters.jetstream import JetStreamEventLog
 
     nc = await connect_with(args, url, "gpuwarden-cli", deadline_s=5.0)
     try:
-        log = JetStreamEventLog(nc)
+        log = JetStreamEventLog(nc, msg_id_key=msg_id_key(resolve_creds(args)))
         await log.ensure_streams()
         yield log
     finally:

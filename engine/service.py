@@ -191,14 +191,18 @@ async def serve_engine(
         api = None
         if not getattr(args, "no_api", False):
             from gpuwarden.adapters.api_service import ApiService
-            from gpuwarden.adapters.auth import resolve_creds
+            from gpuwarden.adapters.auth import msg_id_key, resolve_creds
 
             api_conn, api_log = nc, event_log
             api_creds = getattr(args, "api_creds", None)
             if api_creds:  # its own principal: it may write only what a user asks
                 api_nc = await connect_with(_with_creds(args, api_creds, url), url, "gpuwarden-api")
                 api_conn = api_nc
-                api_log = JetStreamEventLog(api_nc, replicas=getattr(args, "replicas", 1))
+                api_log = JetStreamEventLog(
+                    api_nc,
+                    replicas=getattr(args, "replicas", 1),
+                    msg_id_key=msg_id_key(api_creds),
+                )
             # The API folds the engine's own read of the log: one subscription, not two.
             api = ApiService(
                 api_conn,

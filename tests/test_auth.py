@@ -160,7 +160,7 @@ def test_load_credentials_says_what_is_wrong(tmp_path: Path) -> None:
     path.write_text("-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.sig\n------END--\n")
     jwt = auth.load_credentials(path)
     assert (jwt.seed, jwt.role) == (None, auth.ROLE_JWT)
-    assert auth.connect_options(jwt) == {"user_credentials": str(path)}
+    assert auth.connect_options(jwt) == {"user_credentials": str(path), "inbox_prefix": "_INBOX.x"}
 
 
 # --- a server with the generated authorization ---------------------------------------

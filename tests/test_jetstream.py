@@ -314,3 +314,17 @@ async def test_unacked_command_is_redelivered_and_acked_one_is_not(
     assert got == [(first.id, 1), (second.id, 1), (first.id, 2)]
     info = await command_bus.js.stream_info(ev.COMMANDS_STREAM)
     assert info.state.messages == 1  # only n2's command is left in the work queue
+
+
+async def test_a_keyed_log_cannot_be_squatted_by_a_foreseen_msg_id(
+    event_log: JetStreamEventLog,
+) -> None:
+    """Msg-id de-duplication is stream-wide: junk stored first under an event's own id
+    would make the server drop the event. A keyed log's msg ids cannot be foreseen."""
+    keyed = JetStreamEventLog(event_log.nc, msg_id_key=b"k" * 16)
+    event = ev.TaskPending(id="foreseen", at=AT, actor="engine", task_id="t", reason="r")
+    await event_log.js.publish("gw.evt.task.t.node.n9", b"junk", headers={"Nats-Msg-Id": event.id})
+    [seq] = await keyed.append(ev.task_subject("t"), [event])
+    assert [r.event async for r in keyed.read(seq, seq)] == [event]
+    assert keyed.msg_id(event.id) != event.id == event_log.msg_id(event.id)
+    assert [await keyed.append(ev.task_subject("t"), [event])] == [[seq]]  # a retry: deduped
