@@ -9,6 +9,7 @@ so two engines (or a restarted one) dead-letter each message once.
 
 from __future__ import annotations
 
+import anyio
 import nats.errors
 import nats.js.errors
 from gpuwarden.engine.errors import EventLogError
@@ -25,6 +26,7 @@ class JetStreamDeadLetters:
         self.js = nc.jetstream(timeout=timeout_s)
         self.replicas = replicas
         self._ready = False
+        self._ensuring = anyio.Lock()
 
     async def ensure_stream(self) -> None:
         config = api.StreamConfig(
@@ -46,7 +48,9 @@ class JetStreamDeadLetters:
 
     async def dead_letter(self, record: StoredEvent, reason: str) -> None:
         if not self._ready:
-            await self.ensure_stream()
+            async with self._ensuring:  # the engine copies many at once
+                if not self._ready:
+                    await self.ensure_stream()
         headers = {
             "Nats-Msg-Id": f"dlq-{record.subject}-{record.seq}",
             "Gw-Reason": reason.replace("\n", " ")[:1024],

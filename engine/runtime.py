@@ -67,6 +67,7 @@ from gpuwarden.engine.supervisor import (
 log = logging.getLogger("gpuwarden.engine")
 
 MAX_TRIGGERS_PER_ROUND = 512
+MAX_DEAD_BACKLOG = 100_000  # dead letters waiting for GW_DLQ; past it, counted only
 MAX_BATCH = 500
 # Header on every decision: a short hash of the policy that decided, so `replay --check`
 # can tell a log recorded under another policy from a decision that does not re-derive.
@@ -145,7 +146,8 @@ class Engine:
         self.trigger_since: float | None = None
         self.live = False
         self.deciding = False  # a round is between deciding and its append's ack
-        self.dead_lettering = 0  # dead letters on their way to GW_DLQ
+        self._dead_backlog: list[tuple[StoredEvent, str]] = []  # on their way to GW_DLQ
+        self._dead_ready = anyio.Event()
         self.reconcile_due = False  # the startup sweep could not be stored yet
         self.caught_up = anyio.Event()
         # In-process followers of the same read of the log (the task API), each record
@@ -232,16 +234,38 @@ class Engine:
         else:
             kind = "too_large" if "exceeds" in reason else "undecodable"
         self.metrics.dead_letters[kind] += 1
-        if kind != "handler_error":
-            log.warning("seq %s on %s skipped: %s", record.seq, record.subject, reason)
-        if self.dead_letters is not None:
-            self.dead_lettering += 1
+        skipped = sum(self.metrics.dead_letters.values())
+        if kind != "handler_error" and (skipped <= 100 or skipped % 1000 == 0):
+            log.warning("seq %s on %s skipped (%d so far): %s", record.seq, record.subject,
+                        skipped, reason)  # fmt: skip
+        if self.dead_letters is None:
+            return
+        # Copied to GW_DLQ in the background, pipelined: a flood of junk (any writer may
+        # send it on its own subjects) must not hold up the fold, or decisions wait.
+        if len(self._dead_backlog) >= MAX_DEAD_BACKLOG:
+            self.metrics.dead_letters["not_copied"] += 1  # the original stays in the log
+            return
+        self._dead_backlog.append((record, reason))
+        self._dead_ready.set()
+
+    async def _copy_dead_letters(self) -> None:
+        """Copy queued dead letters to GW_DLQ, up to 256 at a time, concurrently."""
+        assert self.dead_letters is not None
+        while True:
+            while not self._dead_backlog:
+                await self._dead_ready.wait()
+                self._dead_ready = anyio.Event()
+            batch = self._dead_backlog[:256]
             try:
-                await self.dead_letters.dead_letter(record, reason)
-            except Exception as exc:  # the log keeps the original; never stop the engine
-                log.error("dead-lettering seq %s failed: %s", record.seq, exc)
-            finally:
-                self.dead_lettering -= 1
+                async with anyio.create_task_group() as tg:
+                    for record, reason in batch:
+                        tg.start_soon(self.dead_letters.dead_letter, record, reason)
+            except Exception as exc:  # msg ids de-duplicate a resend
+                log.error("copying %d dead letters failed, retrying: %s", len(batch), exc)
+                await anyio.sleep(0.2)
+                continue
+            del self._dead_backlog[: len(batch)]
+            self._signal_progress()
 
     async def _dispatch(self) -> None:
         """Send queued commands in order, pipelined, without holding up the fold.
@@ -450,6 +474,9 @@ class Engine:
             tg.start_soon(self._pump, send, self.folded + 1)
             tg.start_soon(self._measure_lag)
             tg.start_soon(self._dispatch)
+            if self.dead_letters is not None:
+                tg.start_soon(self._copy_dead_letters)
+                self._dead_ready.set()  # what catch-up queued
             self._kick_dispatcher()
             task_status.started()
             await self._loop(receive)
@@ -587,7 +614,7 @@ class Engine:
                 due = self.due()
                 busy = (
                     self.deciding
-                    or bool(self.dead_lettering)
+                    or bool(self._dead_backlog)
                     or self.reconcile_due
                     or bool(self.outbox)
                     or self.folded < end

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from gpuwarden.adapters.jetstream import JetStreamEventLog
+from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.engine import events as ev
 from gpuwarden.engine import supervisor
 from gpuwarden.engine.runtime import Engine
@@ -176,3 +176,36 @@ async def test_a_log_of_the_old_subject_scheme_still_folds(world: World) -> None
     scheduled = [r for r in await world.records() if isinstance(r.event, ev.TaskScheduled)]
     assert [r.subject for r in scheduled] == ["gw.evt.task.t1.engine"]
     assert world.engine.metrics.dead_letters == {}
+
+
+async def test_copying_dead_letters_never_holds_up_the_fold(
+    event_log: JetStreamEventLog, command_bus: JetStreamCommandBus
+) -> None:
+    """Any writer may flood its own subjects with junk: the engine dead-letters it in the
+    background, so a slow (here: stuck) GW_DLQ does not stop it deciding."""
+
+    class StuckDeadLetters:
+        def __init__(self) -> None:
+            self.waiting = 0
+
+        async def dead_letter(self, record: object, reason: str) -> None:
+            self.waiting += 1
+            await anyio.sleep_forever()
+
+    stuck = StuckDeadLetters()
+    world = World(event_log, command_bus)
+    world.engine = Engine(event_log, command_bus, world.clock, dead_letters=stuck)
+    task = await start_engine(world.engine)
+    try:
+        await register(world, "n1", 1)
+        for n in range(50):
+            await publish_raw(event_log, "gw.evt.task.junk.node.n1", b"junk", f"junk-{n}")
+        await world.emit(ev.TaskSubmitted, task_id="t1", name="t1", image="i", command=("x",))
+        with anyio.fail_after(10):
+            while world.engine.state.tasks.get("t1") is None or (
+                world.engine.state.tasks["t1"].status != "running"
+            ):
+                await world.engine.progress.wait()
+        assert world.engine.metrics.dead_letters["undecodable"] == 50
+    finally:
+        await stop_engine(task)
