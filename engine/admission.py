@@ -591,8 +591,10 @@ class Admission:
         return f"GPU {e.gpu_uuid} is not on node {e.node}"
 
     def _free_gpus(self, e: NodeRegistered) -> Reason:
-        """A node may claim GPUs that are no other node's (one that re-registers
-        without a GPU gives it up)."""
+        """A node may claim only GPUs that no other node ever registered. A GPU stays its
+        first node's for good, listed or not: a node that stops listing one (it fell
+        off the bus, NVML lost it) must be able to list it again, and no other node may
+        take it meanwhile. (A GPU moved to another machine is a new deployment.)"""
         for gpu in e.gpus:
             owner = self._gpu_node.get(gpu.uuid)
             if owner is not None and owner != e.node:
@@ -607,16 +609,11 @@ class Admission:
     def _fold_scheduled(self, e: TaskScheduled) -> None:
         self._tasks.setdefault(e.task_id, {})[e.attempt] = e.node
 
-    def seed_node(self, node: str, gpus: tuple[str, ...]) -> None:
-        """Start from a node's latest admitted registration (a read model's own rows)."""
-        self._node_gpus[node] = gpus
-        for uuid in gpus:
-            self._gpu_node.setdefault(uuid, node)
+    def seed_gpu(self, uuid: str, node: str) -> None:
+        """Start from a GPU's node as a read model's rows have it."""
+        self._gpu_node.setdefault(uuid, node)
 
     def _fold_registered(self, e: NodeRegistered) -> None:
-        for uuid in self._node_gpus.get(e.node, ()):
-            if self._gpu_node.get(uuid) == e.node:
-                del self._gpu_node[uuid]
         uuids = tuple(gpu.uuid for gpu in e.gpus)
         for uuid in uuids:
             self._gpu_node[uuid] = e.node

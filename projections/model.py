@@ -558,9 +558,9 @@ class ReadModelAdmission(Admission):
     The read models resume from their checkpoint, so admission's state cannot be a fold
     of the whole log here: which tasks exist and where each attempt was scheduled are
     the task and attempt rows (the store loads a batch's rows before folding it, and
-    rows only ever come from admitted events); the nodes' GPUs are seeded from the node
-    rows when the store opens and folded as the engine folds them. So `tasks`, `events`
-    and `explain` refuse exactly what the engine dead-lettered.
+    rows only ever come from admitted events); which node each GPU is bound to is
+    seeded from the GPU rows when the store opens and folded as the engine folds it.
+    So `tasks`, `events` and `explain` refuse exactly what the engine dead-lettered.
     """
 
     __slots__ = ("model",)

@@ -322,8 +322,8 @@ def _select_in(conn: sqlite3.Connection, sql: str, keys: list[Any]) -> list[Any]
     return rows
 
 
-def _all_nodes(conn: sqlite3.Connection) -> list[Any]:
-    return conn.execute("SELECT * FROM nodes").fetchall()
+def _gpu_nodes(conn: sqlite3.Connection) -> list[Any]:
+    return conn.execute("SELECT uuid, node FROM gpus WHERE node IS NOT NULL").fetchall()
 
 
 def _read_rows(
@@ -648,17 +648,17 @@ class ProjectionStore:
         self._wake(prepared.last)
 
     async def _admission(self) -> ReadModelAdmission:
-        """Admission over the current model; its nodes' GPUs seeded from the node rows."""
+        """Admission over the current model; the GPUs' nodes seeded from the GPU rows."""
         admission = self._admitting
         if admission is None:
             admission = ReadModelAdmission(self._model)
             if not self._cache_complete:
-                for values in await self.writer.call(_all_nodes):
-                    row = node_row(values)
-                    admission.seed_node(row.name, row.gpus)
+                for uuid, node in await self.writer.call(_gpu_nodes):
+                    admission.seed_gpu(uuid, node)
             else:
-                for row in self._model.nodes.values():
-                    admission.seed_node(row.name, row.gpus)
+                for row in self._model.gpus.values():
+                    if row.node is not None:
+                        admission.seed_gpu(row.uuid, row.node)
             self._admitting = admission
         admission.model = self._model  # the model is replaced when memory is evicted
         return admission
