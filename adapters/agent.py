@@ -35,15 +35,10 @@ from gpuwarden.adapters.docker_runtime import (
     observation_event,
     state_event_id,
 )
-from gpuwarden.engine.admission import MAX_TEXT_CHARS
-from gpuwarden.engine.commands import Command, RemoveCommand, RunCommand, StopCommand
-from gpuwarden.engine.errors import (
-    ContainerRuntimeError,
-    ContainerStartError,
-    EventLogError,
-    GpuwardenError,
-)
-from gpuwarden.engine.events import (
+from gpuwarden.engine.core.admission import MAX_TEXT_CHARS
+from gpuwarden.engine.core.commands import Command, RemoveCommand, RunCommand, StopCommand
+from gpuwarden.engine.core.errors import GpuwardenError
+from gpuwarden.engine.core.events import (
     ContainerExited,
     ContainerStarted,
     ContainerStartFailed,
@@ -57,9 +52,18 @@ from gpuwarden.engine.events import (
     task_subject,
     type_of,
 )
+from gpuwarden.engine.core.fold import evolve
+from gpuwarden.engine.core.state import TERMINAL, AttemptState, State, initial_state
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.ports import Clock, CommandBus, EventLog, ReceivedCommand
-from gpuwarden.engine.supervisor import TERMINAL, AttemptState, State, evolve, initial_state
+from gpuwarden.engine.ports import (
+    Clock,
+    CommandBus,
+    ContainerRuntimeError,
+    ContainerStartError,
+    EventLog,
+    EventLogError,
+    ReceivedCommand,
+)
 
 log = logging.getLogger("gpuwarden.agent")
 

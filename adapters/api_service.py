@@ -44,9 +44,9 @@ from gpuwarden.adapters.env_seal import (
     open_env,
     seal_env,
 )
-from gpuwarden.engine.admission import MAX_EVENT_BYTES, Admission, check_size
-from gpuwarden.engine.errors import ConcurrencyError, GpuwardenError, TaskRequestError
-from gpuwarden.engine.events import (
+from gpuwarden.engine.core.admission import Admission, check_size
+from gpuwarden.engine.core.errors import GpuwardenError, TaskRequestError
+from gpuwarden.engine.core.events import (
     Event,
     TaskCancelled,
     TaskSubmitted,
@@ -57,16 +57,18 @@ from gpuwarden.engine.events import (
     task_subject,
     to_builtins,
 )
-from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.intake import (
+from gpuwarden.engine.core.fold import evolve
+from gpuwarden.engine.core.intake import (
     ClusterShape,
     ValidTask,
     fold_shape,
     task_id_for_request,
     validate_create,
 )
-from gpuwarden.engine.ports import Clock, EventLog, StoredEvent
-from gpuwarden.engine.supervisor import TERMINAL, State, TaskState, evolve, initial_state
+from gpuwarden.engine.core.state import TERMINAL, State, TaskState, initial_state
+from gpuwarden.engine.core.wire import MAX_EVENT_BYTES
+from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.ports import Clock, ConcurrencyError, EventLog, StoredEvent
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 

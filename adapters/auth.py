@@ -57,15 +57,16 @@ from typing import Any, Final
 
 import nkeys
 from gpuwarden.adapters.env_seal import ensure_env_key
-from gpuwarden.engine.errors import EventLogError, GpuwardenError
-from gpuwarden.engine.events import (
+from gpuwarden.engine.core.errors import GpuwardenError
+from gpuwarden.engine.core.events import subject_token
+from gpuwarden.engine.core.wire import (
     COMMANDS_STREAM,
     DEAD_LETTER_SUBJECT,
+    DLQ_STREAM,
     EVENTS_STREAM,
-    subject_token,
 )
+from gpuwarden.engine.ports import EventLogError
 
-DLQ_STREAM: Final = "GW_DLQ"  # adapters/dead_letters.py creates it
 AUTH_CONF: Final = "auth.conf"
 CREDS_SUFFIX: Final = ".creds"
 JWT_MARKER: Final = "-----BEGIN NATS USER JWT-----"
@@ -106,7 +107,7 @@ class ConnectRefusedError(EventLogError):
 # --- the permission table (the contract) -------------------------------------------------
 #
 # Subject templates: `{me}` is the principal's name, `{node}` a node's subject token.
-# `gw.evt.<kind>.<key>.<writer>` is the event scheme of engine/events.py; the server
+# `gw.evt.<kind>.<key>.<writer>` is the event scheme of engine/core/events.py; the server
 # refuses an event published under another writer's token, and nobody but admin may
 # publish a legacy four-token `gw.evt.<kind>.<key>` (the deny list below).
 

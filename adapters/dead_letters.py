@@ -12,13 +12,16 @@ from __future__ import annotations
 import anyio
 import nats.errors
 import nats.js.errors
-from gpuwarden.engine.errors import EventLogError
-from gpuwarden.engine.events import DEAD_LETTER_SUBJECT
-from gpuwarden.engine.ports import StoredEvent
+from gpuwarden.engine.core.wire import (
+    DEAD_LETTER_SUBJECT,
+    DLQ_REASON_HEADER,
+    DLQ_SEQ_HEADER,
+    DLQ_STREAM,
+    DLQ_SUBJECT_HEADER,
+)
+from gpuwarden.engine.ports import EventLogError, StoredEvent
 from nats.aio.client import Client as NatsClient
 from nats.js import api
-
-DLQ_STREAM = "GW_DLQ"
 
 
 class JetStreamDeadLetters:
@@ -53,9 +56,9 @@ class JetStreamDeadLetters:
                     await self.ensure_stream()
         headers = {
             "Nats-Msg-Id": f"dlq-{record.subject}-{record.seq}",
-            "Gw-Reason": reason.replace("\n", " ")[:1024],
-            "Gw-Seq": str(record.seq),
-            "Gw-Subject": record.subject,
+            DLQ_REASON_HEADER: reason.replace("\n", " ")[:1024],
+            DLQ_SEQ_HEADER: str(record.seq),
+            DLQ_SUBJECT_HEADER: record.subject,
         }
         try:
             await self.js.publish(DEAD_LETTER_SUBJECT, record.data, headers=headers)

@@ -29,9 +29,9 @@ import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
-from gpuwarden.engine.commands import RunCommand
-from gpuwarden.engine.errors import ContainerRuntimeError, ContainerStartError
-from gpuwarden.engine.events import ContainerExited, ContainerStarted, make_id
+from gpuwarden.engine.core.commands import RunCommand
+from gpuwarden.engine.core.events import ContainerExited, ContainerStarted, make_id
+from gpuwarden.engine.ports import ContainerRuntimeError, ContainerStartError
 from requests.exceptions import RequestException
 
 TASK_LABEL: Final = "gpuwarden.task"

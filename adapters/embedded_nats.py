@@ -27,7 +27,12 @@ from typing import IO, Any
 import anyio
 import nats
 import nats.errors
-from gpuwarden.engine.errors import NatsServerError
+from gpuwarden.engine.core.errors import GpuwardenError
+
+
+class NatsServerError(GpuwardenError):
+    """The embedded nats-server could not be started or reached."""
+
 
 STATE_FILE = "server.json"
 LOOPBACK = "127.0.0.1"

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Final
 
 import msgspec
-from gpuwarden.engine.commands import Command, RunCommand
-from gpuwarden.engine.errors import GpuwardenError
+from gpuwarden.engine.core.commands import Command, RunCommand
+from gpuwarden.engine.core.errors import GpuwardenError
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 

@@ -17,9 +17,9 @@ from typing import Protocol
 import anyio
 import msgspec
 import nats.errors
-from gpuwarden.engine.events import subject_token
+from gpuwarden.engine.core.events import subject_token
+from gpuwarden.engine.core.liveness import Liveness
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.liveness import Liveness
 from gpuwarden.engine.ports import Clock
 from nats.aio.client import Client as NatsClient
 

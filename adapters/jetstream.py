@@ -26,18 +26,9 @@ import nats
 import nats.errors
 import nats.js.errors
 from gpuwarden.adapters.stream_guard import StreamIdentity, read_identity
-from gpuwarden.engine.commands import Command, decode_command, encode_command
-from gpuwarden.engine.errors import (
-    ConcurrencyError,
-    EventDecodeError,
-    EventLogError,
-    StreamConfigError,
-)
-from gpuwarden.engine.events import (
-    COMMAND_SUBJECTS,
-    COMMANDS_STREAM,
-    EVENT_SUBJECTS,
-    EVENTS_STREAM,
+from gpuwarden.engine.core.commands import Command, decode_command, encode_command
+from gpuwarden.engine.core.errors import EventDecodeError
+from gpuwarden.engine.core.events import (
     Event,
     aggregate_filter,
     aggregate_of_subject,
@@ -47,8 +38,14 @@ from gpuwarden.engine.events import (
     subject_of,
     subject_token,
 )
+from gpuwarden.engine.core.wire import (
+    COMMAND_SUBJECTS,
+    COMMANDS_STREAM,
+    EVENT_SUBJECTS,
+    EVENTS_STREAM,
+)
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.ports import StoredEvent
+from gpuwarden.engine.ports import ConcurrencyError, EventLogError, StoredEvent, StreamConfigError
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import api

@@ -25,9 +25,9 @@ import anyio.from_thread
 import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
-from gpuwarden.engine.errors import GpuProbeError
-from gpuwarden.engine.events import GpuFault, GpuInfo
+from gpuwarden.engine.core.events import GpuFault, GpuInfo
 from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.ports import GpuProbeError
 
 # NVML's numbers (nvml.h); tests check each against pynvml's constant of that name.
 EVENT_TYPE_DOUBLE_BIT_ECC: Final = 0x2  # nvmlEventTypeDoubleBitEccError

@@ -32,7 +32,7 @@ from gpuwarden.adapters.scenario_file import (
     Scenario,
     TaskExpectation,
 )
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
 
 TERMINAL_STATES = ("completed", "failed", "cancelled")
 

@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import Any, Final, NoReturn, TypeAlias
 
 import msgspec
-from gpuwarden.engine.errors import PolicyError, ScenarioError
-from gpuwarden.engine.events import FAILURE_REASONS, FAULT_TYPES
-from gpuwarden.engine.policy import MAX_SECONDS, Policy, policy_from_mapping
+from gpuwarden.engine.core.errors import GpuwardenError, PolicyError
+from gpuwarden.engine.core.events import FAILURE_REASONS, FAULT_TYPES
+from gpuwarden.engine.core.policy import MAX_SECONDS, Policy, policy_from_mapping
+
+
+class ScenarioError(GpuwardenError):
+    """A scenario file is malformed; the message names the file, the step or key."""
+
 
 TASK_STATES: Final[tuple[str, ...]] = ("pending", "running", "completed", "failed", "cancelled")
 STEP_KINDS: Final[tuple[str, ...]] = (

@@ -50,14 +50,14 @@ from gpuwarden.adapters.sim_runtime import (
     SimRuntime,
     SimulationError,
 )
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.admission import Admission
 from gpuwarden.engine.clock import VirtualClock
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.admission import Admission
+from gpuwarden.engine.core.liveness import Liveness
+from gpuwarden.engine.core.state import next_due
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.liveness import Liveness
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.engine.runtime import Engine
-from gpuwarden.engine.supervisor import next_due
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 MAX_TAIL = timedelta(days=1)  # how long the clock may run on after the last step

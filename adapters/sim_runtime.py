@@ -34,11 +34,11 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.commands import Command, RunCommand, StopCommand
-from gpuwarden.engine.errors import GpuwardenError
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.commands import Command, RunCommand, StopCommand
+from gpuwarden.engine.core.errors import GpuwardenError
+from gpuwarden.engine.core.liveness import Liveness
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.liveness import Liveness
 from gpuwarden.engine.ports import Clock, CommandBus, EventLog, ReceivedCommand
 
 log = logging.getLogger("gpuwarden.sim")

@@ -21,8 +21,8 @@ from typing import Any, Final, Protocol
 import msgspec
 import nats.errors
 import nats.js.errors
-from gpuwarden.engine.errors import EventLogError
-from gpuwarden.engine.events import EVENT_SUBJECTS, EVENTS_STREAM
+from gpuwarden.engine.core.wire import EVENT_SUBJECTS, EVENTS_STREAM
+from gpuwarden.engine.ports import EventLogError
 from nats.js import JetStreamContext, api
 
 LIMITS_RETENTION: Final = "limits"

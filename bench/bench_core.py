@@ -21,9 +21,11 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import msgspec
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.policy import Policy
-from gpuwarden.engine.supervisor import decide_many, evolve, initial_state
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.decide import decide_many
+from gpuwarden.engine.core.fold import evolve
+from gpuwarden.engine.core.policy import Policy
+from gpuwarden.engine.core.state import initial_state
 
 from tests.supervisor_driver import Driver
 

@@ -56,8 +56,8 @@ import nats
 from gpuwarden.adapters import auth
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.admission import Admission
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.admission import Admission
 from gpuwarden.engine.ports import StoredEvent
 from nats.aio.client import Client as NatsClient
 from nats.js import api

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import docker
 from gpuwarden.adapters.docker_runtime import DockerRuntime
-from gpuwarden.engine.commands import RunCommand
+from gpuwarden.engine.core.commands import RunCommand
 from gpuwarden.engine.ids import new_id
 
 IMAGE = "gpuwarden-test:latest"
@@ -135,8 +135,8 @@ async def measure_agent(samples: int) -> tuple[list[float], list[float]]:
     from gpuwarden.adapters.heartbeats import NatsHeartbeats
     from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
     from gpuwarden.adapters.nvml_probe import declared_inventory
-    from gpuwarden.engine import events as ev
     from gpuwarden.engine.clock import SystemClock
+    from gpuwarden.engine.core import events as ev
 
     client = docker.from_env()
     node = f"bench-{uuid.uuid4().hex[:8]}"

@@ -32,7 +32,8 @@ import anyio
 from gpuwarden.adapters import auth
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core import wire
 from gpuwarden.engine.ids import new_id
 from nats.aio.client import Client as NatsClient
 from nats.js import api
@@ -151,8 +152,8 @@ async def bench_replay(log: JetStreamEventLog, nc: NatsClient) -> tuple[float, f
 
         start = time.perf_counter()
         sub = await js.subscribe(
-            ev.EVENT_SUBJECTS,
-            stream=ev.EVENTS_STREAM,
+            wire.EVENT_SUBJECTS,
+            stream=wire.EVENTS_STREAM,
             cb=on_msg,
             ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.ALL,

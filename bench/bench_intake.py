@@ -32,9 +32,9 @@ import anyio
 from gpuwarden.adapters.api_service import ApiService, api_subject
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
-from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import SystemClock
-from gpuwarden.engine.intake import task_id_for_request
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.intake import task_id_for_request
 from gpuwarden.engine.runtime import Engine
 from nats.aio.client import Client as NatsClient
 from nats.js import api

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections import queries as q
 from gpuwarden.projections.store import ProjectionStore

@@ -39,10 +39,10 @@ from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.heartbeats import NatsHeartbeats
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
 from gpuwarden.adapters.nvml_probe import declared_inventory
-from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import SystemClock
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.policy import Policy
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.policy import Policy
 from gpuwarden.engine.runtime import Engine
 
 IMAGE = "gpuwarden-test:latest"

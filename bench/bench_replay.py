@@ -15,9 +15,11 @@ import sys
 import time
 
 import anyio
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.ports import BASIS_HEADER, TRIGGER_HEADER, StoredEvent
-from gpuwarden.engine.supervisor import evolve, initial_state
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.fold import evolve
+from gpuwarden.engine.core.state import initial_state
+from gpuwarden.engine.core.wire import BASIS_HEADER, TRIGGER_HEADER
+from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections import replay as rp
 
 from tests.supervisor_driver import Driver

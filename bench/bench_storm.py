@@ -34,10 +34,10 @@ import anyio
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
 from gpuwarden.adapters.sim_runtime import CountingCommandBus, SimNodeSpec, SimRuntime
-from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
-from gpuwarden.engine.liveness import Liveness
-from gpuwarden.engine.policy import Policy
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.liveness import Liveness
+from gpuwarden.engine.core.policy import Policy
 from gpuwarden.engine.runtime import Engine
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 
-from gpuwarden.engine.events import make_id
+from gpuwarden.engine.core.events import make_id
 
 
 def new_id(at: datetime | None = None) -> str:

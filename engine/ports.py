@@ -11,8 +11,48 @@ from datetime import datetime
 from typing import Protocol
 
 import msgspec
-from gpuwarden.engine.commands import Command
-from gpuwarden.engine.events import Event
+from gpuwarden.engine.core.commands import Command
+from gpuwarden.engine.core.errors import GpuwardenError
+from gpuwarden.engine.core.events import Event
+
+# --- errors a port may raise: its callers catch these, whatever the adapter ----------
+
+
+class ConcurrencyError(GpuwardenError):
+    """An append's expected last subject sequence was stale: someone else wrote first."""
+
+    def __init__(self, subject: str, expected: int | None, actual: int | None) -> None:
+        super().__init__(
+            f"concurrent write on {subject}: expected last sequence {expected}, "
+            f"server has {actual if actual is not None else 'unknown'}"
+        )
+        self.subject = subject
+        self.expected = expected
+        self.actual = actual
+
+
+class StreamConfigError(GpuwardenError):
+    """An existing stream's configuration is incompatible with what gpuwarden needs."""
+
+
+class EventLogError(GpuwardenError):
+    """The event log could not do what was asked (server error, timeout, refused batch)."""
+
+
+class ContainerStartError(GpuwardenError):
+    """The container engine refused to create or start a container.
+
+    The message carries the daemon's own text (missing image, missing executable,
+    device request refused, engine unreachable), so the fault can be classified from it.
+    """
+
+
+class ContainerRuntimeError(GpuwardenError):
+    """The container engine failed outside a start: unreachable, or its event stream broke."""
+
+
+class GpuProbeError(GpuwardenError):
+    """NVML could not be initialised or read (no driver, no library, GPU lost)."""
 
 
 class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,15 +68,6 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
     data: bytes = b""
     error: str | None = None
     headers: dict[str, str] = msgspec.field(default_factory=dict)
-
-
-# Headers the engine puts on every message of a decision, so `replay --check` can
-# re-derive it from exactly the state the engine saw: the last stream sequence it had
-# folded, and what it decided on: "FROM-TO", the stream sequences of the events folded
-# since its last round (undecodable ones excepted), "timer" for due timers only, or
-# "reconcile" for the startup sweep.
-BASIS_HEADER = "Gw-Basis"
-TRIGGER_HEADER = "Gw-Trigger"
 
 
 class EventLog(Protocol):

@@ -15,8 +15,6 @@ resend after a crash is dropped by the server (and by the agent's labels).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 import traceback
@@ -27,10 +25,10 @@ from typing import NoReturn, Protocol
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from gpuwarden.engine.admission import MAX_EVENT_BYTES, Admission
-from gpuwarden.engine.commands import Command
-from gpuwarden.engine.errors import ConcurrencyError, EventLogError
-from gpuwarden.engine.events import (
+from gpuwarden.engine.core.admission import Admission
+from gpuwarden.engine.core.commands import Command, commands_for
+from gpuwarden.engine.core.decide import decide_guarded, reconcile
+from gpuwarden.engine.core.events import (
     Event,
     FaultClassified,
     NodeLost,
@@ -41,27 +39,26 @@ from gpuwarden.engine.events import (
     is_legacy_subject,
     type_of,
 )
-from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.liveness import Liveness
-from gpuwarden.engine.metrics import EngineMetrics
-from gpuwarden.engine.policy import DEFAULT_POLICY, Policy, policy_to_mapping
-from gpuwarden.engine.ports import (
+from gpuwarden.engine.core.fold import evolve
+from gpuwarden.engine.core.liveness import Liveness
+from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy
+from gpuwarden.engine.core.state import TERMINAL, State, initial_state, next_due
+from gpuwarden.engine.core.wire import (
     BASIS_HEADER,
+    MAX_EVENT_BYTES,
+    POLICY_HEADER,
     TRIGGER_HEADER,
+    policy_digest,
+)
+from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.metrics import EngineMetrics
+from gpuwarden.engine.ports import (
     Clock,
     CommandBus,
+    ConcurrencyError,
     EventLog,
+    EventLogError,
     StoredEvent,
-)
-from gpuwarden.engine.supervisor import (
-    TERMINAL,
-    State,
-    commands_for,
-    decide_guarded,
-    evolve,
-    initial_state,
-    next_due,
-    reconcile,
 )
 
 log = logging.getLogger("gpuwarden.engine")
@@ -69,15 +66,6 @@ log = logging.getLogger("gpuwarden.engine")
 MAX_TRIGGERS_PER_ROUND = 512
 MAX_DEAD_BACKLOG = 100_000  # dead letters waiting for GW_DLQ; past it, counted only
 MAX_BATCH = 500
-# Header on every decision: a short hash of the policy that decided, so `replay --check`
-# can tell a log recorded under another policy from a decision that does not re-derive.
-POLICY_HEADER = "Gw-Policy"
-
-
-def policy_digest(policy: Policy) -> str:
-    """12 hex digits of SHA-256 over the policy's canonical JSON."""
-    text = json.dumps(policy_to_mapping(policy), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class StreamCheck(Protocol):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpuwarden.engine.errors import GpuwardenError
+from gpuwarden.engine.core.errors import GpuwardenError
 
 
 class ProjectionStoreError(GpuwardenError):

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Final
 
 import msgspec
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections.errors import TaskNotFoundError
 from gpuwarden.projections.model import format_time, screen

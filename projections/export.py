@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 import msgspec
-from gpuwarden.engine.errors import EventDecodeError
-from gpuwarden.engine.events import Event, decode, encode, task_subject
+from gpuwarden.engine.core.errors import EventDecodeError
+from gpuwarden.engine.core.events import Event, decode, encode, task_subject
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections.errors import ExportFormatError
 from gpuwarden.projections.store import ReadableLog

@@ -15,14 +15,9 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.admission import (
-    MAX_EVENT_BYTES,
-    Admission,
-    check_event,
-    check_size,
-    check_subject,
-)
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.admission import Admission, check_event, check_size, check_subject
+from gpuwarden.engine.core.wire import MAX_EVENT_BYTES
 from gpuwarden.engine.ports import StoredEvent
 
 INVALID_TYPE: Final = "!invalid"
@@ -518,7 +513,7 @@ def row_values(row: EventRow) -> tuple[Any, ...]:
 
 def screen(stored: StoredEvent) -> StoredEvent:
     """The record as the read models fold it: an event that admission refuses (its
-    values or its subject; see engine/admission.py) is kept as an invalid one, with the
+    values or its subject; see engine/core/admission.py) is kept as an invalid one, with the
     reason, exactly as an undecodable message is. The read models resume from their own
     checkpoint, so they apply the stateless rules; the engine dead-letters the rest."""
     e = stored.event

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from gpuwarden.engine.errors import EventDecodeError
-from gpuwarden.engine.events import decode
+from gpuwarden.engine.core.errors import EventDecodeError
+from gpuwarden.engine.core.events import decode
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections.errors import TimeFormatError
 from gpuwarden.projections.model import (

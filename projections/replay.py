@@ -24,9 +24,10 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from gpuwarden.engine.admission import MAX_EVENT_BYTES, Admission
-from gpuwarden.engine.errors import GpuwardenError
-from gpuwarden.engine.events import (
+from gpuwarden.engine.core.admission import Admission
+from gpuwarden.engine.core.decide import decide_guarded, reconcile_guarded
+from gpuwarden.engine.core.errors import GpuwardenError
+from gpuwarden.engine.core.events import (
     Event,
     NodeLost,
     NodeRecovered,
@@ -38,17 +39,17 @@ from gpuwarden.engine.events import (
     to_builtins,
     type_of,
 )
-from gpuwarden.engine.policy import DEFAULT_POLICY, Policy
-from gpuwarden.engine.ports import BASIS_HEADER, TRIGGER_HEADER, StoredEvent
-from gpuwarden.engine.runtime import POLICY_HEADER, policy_digest
-from gpuwarden.engine.supervisor import (
-    State,
-    TaskState,
-    decide_guarded,
-    evolve,
-    initial_state,
-    reconcile_guarded,
+from gpuwarden.engine.core.fold import evolve
+from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy
+from gpuwarden.engine.core.state import State, TaskState, initial_state
+from gpuwarden.engine.core.wire import (
+    BASIS_HEADER,
+    MAX_EVENT_BYTES,
+    POLICY_HEADER,
+    TRIGGER_HEADER,
+    policy_digest,
 )
+from gpuwarden.engine.ports import StoredEvent
 
 Records = Iterable[StoredEvent] | AsyncIterable[StoredEvent]
 Progress = Callable[[int], None]

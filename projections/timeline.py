@@ -13,7 +13,7 @@ from html import escape
 from typing import Any, Final
 
 import msgspec
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections.errors import TimelineError
 from gpuwarden.projections.explain import AttemptStory, explain_events, summary

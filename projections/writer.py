@@ -113,7 +113,7 @@ def _reply(stream: BinaryIO, message: Any) -> None:
 
 def index_rows(stored_rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
     """Events-index rows of (seq, subject, headers or None, bytes, time as text)."""
-    from gpuwarden.engine.events import decode
+    from gpuwarden.engine.core.events import decode
     from gpuwarden.engine.ports import StoredEvent
     from gpuwarden.projections.model import index_values
 

@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 
 import anyio
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.commands import RunCommand, StopCommand
-from gpuwarden.engine.errors import EventLogError
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.commands import RunCommand, StopCommand
+from gpuwarden.engine.ports import EventLogError
 
 
 class SimAgents:

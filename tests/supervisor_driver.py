@@ -9,17 +9,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.policy import DEFAULT_POLICY, Policy
-from gpuwarden.engine.supervisor import (
-    State,
-    decide,
-    decide_many,
-    evolve,
-    initial_state,
-    next_due,
-    reconcile,
-)
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.decide import decide, decide_many, reconcile
+from gpuwarden.engine.core.fold import evolve
+from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy
+from gpuwarden.engine.core.state import State, initial_state, next_due
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -17,16 +17,16 @@ from typing import Any
 
 import msgspec
 import pytest
-from gpuwarden.engine import admission as adm
-from gpuwarden.engine import events as ev
-from gpuwarden.engine import intake
-from gpuwarden.engine.admission import Admission, check_event, check_subject
-from gpuwarden.engine.supervisor import GPU_FAULT_MEMORY
+from gpuwarden.engine.core import admission as adm
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core import intake
+from gpuwarden.engine.core.admission import Admission, check_event, check_subject
+from gpuwarden.engine.core.state import GPU_FAULT_MEMORY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.supervisor_driver import Driver
-from tests.test_purity import FORBIDDEN, imported_roots
+from tests.test_layering import FORBIDDEN, imported_roots
 
 AT = datetime(2026, 12, 4, 13, 50, tzinfo=UTC)
 LATER = AT + timedelta(days=3650)
@@ -716,7 +716,9 @@ def test_admission_is_pure() -> None:
     path = Path(adm.__file__)
     roots = imported_roots(path)
     assert not roots & FORBIDDEN
-    assert roots <= {"__future__", "re", "collections", "datetime", "typing", "gpuwarden"}
+    stdlib = {r for r in roots if not r.startswith("gpuwarden")}
+    assert stdlib <= {"__future__", "re", "collections", "datetime", "typing"}
+    assert all(r.startswith("gpuwarden.engine.core") for r in roots - stdlib - {"gpuwarden"})
     assert "gpuwarden.adapters" not in str(roots) and "gpuwarden.projections" not in str(roots)
 
 

@@ -32,13 +32,12 @@ from gpuwarden.adapters.docker_runtime import (
 from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness, heartbeat_subject
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.adapters.nvml_probe import declared_inventory
-from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import SystemClock
-from gpuwarden.engine.commands import RunCommand, StopCommand
-from gpuwarden.engine.errors import ContainerRuntimeError
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.commands import RunCommand, StopCommand
+from gpuwarden.engine.core.liveness import Liveness
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.liveness import Liveness
-from gpuwarden.engine.ports import StoredEvent
+from gpuwarden.engine.ports import ContainerRuntimeError, StoredEvent
 
 from tests.fixtures.docker import DockerJanitor
 

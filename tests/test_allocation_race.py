@@ -23,10 +23,9 @@ import pytest
 from gpuwarden.adapters.api_service import CREATE, ApiService
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
-from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
-from gpuwarden.engine.errors import ConcurrencyError
-from gpuwarden.engine.ports import StoredEvent
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.ports import ConcurrencyError, StoredEvent
 from gpuwarden.engine.runtime import Engine
 from nats.aio.client import Client as NatsClient
 

@@ -14,14 +14,16 @@ from typing import Any, cast
 import anyio
 import nats.errors
 import pytest
-from gpuwarden.adapters import api_cli, api_service
+from gpuwarden.adapters import api_service
 from gpuwarden.adapters.api_service import CREATE, GET, ApiService, api_subject, route
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.env_seal import EnvKey, is_sealed, open_env, seal_env
 from gpuwarden.adapters.jetstream import JetStreamEventLog
 from gpuwarden.engine import cli
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.cli import api as api_cli
 from gpuwarden.engine.clock import VirtualClock
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core import wire
 from gpuwarden.engine.ports import StoredEvent
 from nats.aio.client import Client as NatsClient
 
@@ -349,10 +351,10 @@ async def test_the_stored_submission_holds_only_ciphertext_of_the_env(
     assert SECRET not in json.dumps(answer)
     js = nats_client.jetstream()
     for seq in range(1, await event_log.last_seq() + 1):  # every stored message, raw
-        msg = await js.get_msg(ev.EVENTS_STREAM, seq)
+        msg = await js.get_msg(wire.EVENTS_STREAM, seq)
         assert SECRET.encode() not in (msg.data or b"")
         assert SECRET not in json.dumps(msg.headers or {})
-    stored = ev.decode((await js.get_msg(ev.EVENTS_STREAM, answer["seq"])).data or b"")
+    stored = ev.decode((await js.get_msg(wire.EVENTS_STREAM, answer["seq"])).data or b"")
     assert isinstance(stored, ev.TaskSubmitted) and sorted(stored.env) == ["HF_TOKEN", "SEED"]
     assert all(is_sealed(value) for value in stored.env.values())
     assert open_env(stored.env, KEY) == SECRET_ENV
@@ -516,8 +518,8 @@ async def test_in_the_engine_process_the_api_folds_the_engines_own_read(
         await engine.wait_idle(timeout_s=10)  # placed: the API folded that read first
         got = (await ask(nats_client, ada("get"), {"task_id": task_id}))["task"]
         assert (got["status"], got["gpu_uuids"]) == ("running", ["n1-0"])
-        last = (await event_log.js.stream_info(ev.EVENTS_STREAM)).state.last_seq
-        consumers = await event_log.js.consumers_info(ev.EVENTS_STREAM)
+        last = (await event_log.js.stream_info(wire.EVENTS_STREAM)).state.last_seq
+        consumers = await event_log.js.consumers_info(wire.EVENTS_STREAM)
         live = [c for c in consumers if c.delivered.stream_seq == last]  # not catch-up's
         assert len(live) == 1, "the API opened a read of its own"
     finally:
@@ -560,7 +562,7 @@ async def test_a_name_that_is_no_subject_token_owns_through_its_token(
 async def test_the_largest_env_intake_allows_still_fits_once_sealed(
     keyed: ApiService, nats_client: NatsClient
 ) -> None:
-    from gpuwarden.engine.intake import MAX_ENV_BYTES
+    from gpuwarden.engine.core.intake import MAX_ENV_BYTES
 
     env = {"BIG": "x" * (MAX_ENV_BYTES - 3)}
     answer = await ask(nats_client, ada("create"), {**TASK, "env": env})

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import pytest
 from gpuwarden.adapters import auth
-from gpuwarden.adapters.dead_letters import DLQ_STREAM, JetStreamDeadLetters
+from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.heartbeats import NatsHeartbeats
 from gpuwarden.adapters.jetstream import (
@@ -32,10 +32,12 @@ from gpuwarden.adapters.jetstream import (
     connect,
     stored_event,
 )
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.commands import RunCommand, encode_command
-from gpuwarden.engine.errors import EventLogError
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core import wire
+from gpuwarden.engine.core.commands import RunCommand, encode_command
+from gpuwarden.engine.core.wire import DLQ_STREAM
 from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.ports import EventLogError
 from nats.aio.client import Client as NatsClient
 
 CLI = [sys.executable, "-m", "gpuwarden.engine.cli"]
@@ -312,7 +314,7 @@ async def test_engine_does_its_work_and_nothing_else(cluster: Cluster) -> None:
         await engine.publish_refused(subject, ev.encode(submitted("T")))
     await engine.publish_refused("gw.evt.task.T", ev.encode(pending("T")))  # scheme 1
     for verb in ("DELETE", "PURGE", "UPDATE"):
-        await engine.publish_refused(f"$JS.API.STREAM.{verb}.{ev.EVENTS_STREAM}")
+        await engine.publish_refused(f"$JS.API.STREAM.{verb}.{wire.EVENTS_STREAM}")
     assert await log.last_seq() == end
 
 
@@ -370,7 +372,7 @@ async def test_node_agent_speaks_for_itself_and_reads_only_its_commands(
 
     # Node n2 tries everything it must not. Nothing it sends may change the log.
     events_before = await elog.last_seq()
-    cmds_before = (await engine.nc.jetstream().stream_info(ev.COMMANDS_STREAM)).state
+    cmds_before = (await engine.nc.jetstream().stream_info(wire.COMMANDS_STREAM)).state
     forged = {
         "gw.evt.task.T.engine": ev.RebuildDecided(
             id=new_id(), at=AT, actor="engine", task_id="T", attempt=2, previous_attempt=1,
@@ -432,9 +434,9 @@ async def test_node_agent_speaks_for_itself_and_reads_only_its_commands(
             await received.ack()
             break
     assert await elog.last_seq() == events_before
-    info = await engine.nc.jetstream().stream_info(ev.EVENTS_STREAM)
+    info = await engine.nc.jetstream().stream_info(wire.EVENTS_STREAM)
     assert info.config.max_msgs in (None, -1) and info.state.messages == events_before
-    cmds = (await engine.nc.jetstream().stream_info(ev.COMMANDS_STREAM)).state
+    cmds = (await engine.nc.jetstream().stream_info(wire.COMMANDS_STREAM)).state
     assert cmds.last_seq == cmds_before.last_seq  # nothing was added to GW_CMDS
     assert_clean(engine, n1)
 
@@ -463,7 +465,7 @@ async def test_api_reader_operator_and_users(cluster: Cluster) -> None:
     await read_everything(rlog)
     assert len(await JetStreamDeadLetters(reader.nc).read_all()) == 1
     names = {info.config.name for info in await reader.nc.jetstream().streams_info()}
-    assert names == {ev.EVENTS_STREAM, ev.COMMANDS_STREAM, DLQ_STREAM}
+    assert names == {wire.EVENTS_STREAM, wire.COMMANDS_STREAM, DLQ_STREAM}
     for verb in ("get", "list"):
         await reader.nc.request(f"gw.api.reader.task.{verb}", b"{}", timeout=3)
 
@@ -596,7 +598,7 @@ async def test_up_insecure_warns_and_lets_anyone_in(tmp_path: Path) -> None:
 def test_engine_credentials_alone_cannot_serve_the_api(tmp_path: Path) -> None:
     import argparse
 
-    from gpuwarden.engine.service import _check_api_creds
+    from gpuwarden.engine.cli.serve import _check_api_creds
 
     auth.generate(tmp_path)
     args = argparse.Namespace(

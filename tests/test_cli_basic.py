@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 from gpuwarden.adapters.embedded_nats import STATE_FILE, _answers
 from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ids import new_id
 
 CLI = [sys.executable, "-m", "gpuwarden.engine.cli"]

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.faults import AttemptEvidence, classify
-from gpuwarden.engine.policy import DEFAULT_POLICY, Policy, Verdict, judge, parse_policy
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.faults import AttemptEvidence, classify
+from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy, Verdict, judge, parse_policy
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 NODE = "node-a"

@@ -24,7 +24,7 @@ import anyio
 import pytest
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ports import StoredEvent
 
 from tests.sim_agents import SimAgents

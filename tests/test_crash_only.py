@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import anyio
 import pytest
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
-from gpuwarden.engine import events as ev
-from gpuwarden.engine import supervisor
+from gpuwarden.engine.core import decide as supervisor
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core import fold
 from gpuwarden.engine.runtime import Engine
 
 from tests.test_runtime import World, register, start_engine, stop_engine
@@ -153,7 +154,7 @@ async def test_a_fold_that_raises_is_dead_lettered(
     def broken(state: object, e: object) -> None:
         raise RuntimeError("fold bug")
 
-    monkeypatch.setitem(supervisor._EVOLVE, ev.TaskCancelled, broken)
+    monkeypatch.setitem(fold._EVOLVE, ev.TaskCancelled, broken)
     await running_task(world)
     cancel = await world.emit(ev.TaskCancelled, task_id="t1", reason="x")
     await running_task(world, "t2")

@@ -27,10 +27,10 @@ from gpuwarden.adapters.docker_runtime import (
     parse_docker_time,
     state_event_id,
 )
-from gpuwarden.engine.commands import RunCommand
-from gpuwarden.engine.errors import ContainerRuntimeError, ContainerStartError
-from gpuwarden.engine.events import ContainerExited, ContainerStarted, decode, encode
+from gpuwarden.engine.core.commands import RunCommand
+from gpuwarden.engine.core.events import ContainerExited, ContainerStarted, decode, encode
 from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.ports import ContainerRuntimeError, ContainerStartError
 
 from tests.fixtures.docker import DockerJanitor
 

@@ -21,11 +21,11 @@ import docker
 import pytest
 from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
-from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import SystemClock
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.liveness import Liveness
+from gpuwarden.engine.core.policy import Policy
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.liveness import Liveness
-from gpuwarden.engine.policy import Policy
 from gpuwarden.engine.runtime import Engine
 
 from tests.fixtures.docker import DockerJanitor

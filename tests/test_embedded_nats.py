@@ -9,11 +9,11 @@ import pytest
 from gpuwarden.adapters.embedded_nats import (
     STATE_FILE,
     EmbeddedNats,
+    NatsServerError,
     _answers,
     render_config,
 )
 from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
-from gpuwarden.engine.errors import NatsServerError
 
 
 async def test_second_start_finds_the_running_server(tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ def test_a_bad_key_file_is_a_clear_error(tmp_path: Path, content: str | None, wo
 
 def test_the_engine_opens_a_run_command_for_its_node_only() -> None:
     from gpuwarden.adapters.env_seal import command_opener
-    from gpuwarden.engine.commands import RunCommand, StopCommand
+    from gpuwarden.engine.core.commands import RunCommand, StopCommand
 
     key = EnvKey.generate()
     sealed = seal_env({"HF_TOKEN": "hf_secret", "PLAIN": "x"}, key.public_bytes)

@@ -4,8 +4,8 @@ from datetime import UTC, datetime
 
 import msgspec
 import pytest
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.errors import EventDecodeError
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.errors import EventDecodeError
 
 AT = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 

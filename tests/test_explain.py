@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections.errors import TaskNotFoundError
 from gpuwarden.projections.explain import (

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections.errors import ExportFormatError
 from gpuwarden.projections.export import export, read_jsonl, write_jsonl

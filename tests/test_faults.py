@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.faults import (
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.faults import (
     DEFAULT_TABLE,
     AttemptEvidence,
     Classification,

@@ -44,14 +44,13 @@ import anyio
 import nats.errors
 import nats.js.errors
 import pytest
-from gpuwarden.adapters.dead_letters import DLQ_STREAM
 from gpuwarden.adapters.jetstream import JetStreamEventLog, connect, stored_event
-from gpuwarden.engine import admission as adm
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.admission import Admission, check_size
+from gpuwarden.engine.core import admission as adm
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.admission import Admission, check_size
+from gpuwarden.engine.core.wire import DLQ_STREAM, MAX_EVENT_BYTES
 from gpuwarden.engine.ids import new_id
 from gpuwarden.engine.ports import StoredEvent
-from gpuwarden.engine.runtime import MAX_EVENT_BYTES
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NatsClient

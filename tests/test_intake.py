@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.errors import TaskRequestError
-from gpuwarden.engine.intake import (
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.errors import TaskRequestError
+from gpuwarden.engine.core.intake import (
     ClusterShape,
     ValidTask,
     fold_shape,
@@ -18,7 +18,7 @@ from gpuwarden.engine.intake import (
     validate_create,
 )
 
-from tests.test_purity import FORBIDDEN, imported_roots
+from tests.test_layering import FORBIDDEN, imported_roots
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -44,7 +44,7 @@ def refused(request: Any, cluster: ClusterShape = CLUSTER) -> TaskRequestError:
 
 
 def test_intake_is_pure() -> None:
-    path = Path(__file__).resolve().parent.parent / "engine" / "intake.py"
+    path = Path(__file__).resolve().parent.parent / "engine" / "core" / "intake.py"
     roots = imported_roots(path)
     assert not (roots & FORBIDDEN), roots & FORBIDDEN
     assert not any(r.startswith(("gpuwarden.adapters", "gpuwarden.projections")) for r in roots)

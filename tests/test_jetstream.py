@@ -9,10 +9,11 @@ import anyio
 import pytest
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.commands import RunCommand
-from gpuwarden.engine.errors import ConcurrencyError, EventLogError, StreamConfigError
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core import wire
+from gpuwarden.engine.core.commands import RunCommand
 from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.ports import ConcurrencyError, EventLogError, StreamConfigError
 from nats.js import api
 
 AT = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -43,21 +44,21 @@ async def test_ensure_streams_is_idempotent_and_sets_the_log_guarantees(
     event_log: JetStreamEventLog,
 ) -> None:
     await event_log.ensure_streams()
-    config = (await event_log.js.stream_info(ev.EVENTS_STREAM)).config
-    assert config.subjects == [ev.EVENT_SUBJECTS]
+    config = (await event_log.js.stream_info(wire.EVENTS_STREAM)).config
+    assert config.subjects == [wire.EVENT_SUBJECTS]
     assert (config.deny_delete, config.deny_purge, config.allow_atomic) == (True, True, True)
     assert config.duplicate_window and config.duplicate_window >= 60
-    cmds = (await event_log.js.stream_info(ev.COMMANDS_STREAM)).config
+    cmds = (await event_log.js.stream_info(wire.COMMANDS_STREAM)).config
     assert cmds.retention == api.RetentionPolicy.WORK_QUEUE
 
 
 @pytest.mark.parametrize(
     ("stream", "override", "field"),
     [
-        (ev.EVENTS_STREAM, {"retention": api.RetentionPolicy.INTEREST}, "retention"),
-        (ev.EVENTS_STREAM, {"deny_delete": False}, "deny_delete"),
-        (ev.EVENTS_STREAM, {"subjects": ["gw.evt.task.>"]}, "subjects"),
-        (ev.COMMANDS_STREAM, {"storage": api.StorageType.MEMORY}, "storage"),
+        (wire.EVENTS_STREAM, {"retention": api.RetentionPolicy.INTEREST}, "retention"),
+        (wire.EVENTS_STREAM, {"deny_delete": False}, "deny_delete"),
+        (wire.EVENTS_STREAM, {"subjects": ["gw.evt.task.>"]}, "subjects"),
+        (wire.COMMANDS_STREAM, {"storage": api.StorageType.MEMORY}, "storage"),
     ],
 )
 async def test_incompatible_existing_stream_is_a_clear_error_and_left_alone(
@@ -70,7 +71,7 @@ async def test_incompatible_existing_stream_is_a_clear_error_and_left_alone(
 
         make = (
             jetstream.events_stream_config
-            if stream == ev.EVENTS_STREAM
+            if stream == wire.EVENTS_STREAM
             else jetstream.commands_stream_config
         )
         config = make(1, 60.0)
@@ -312,7 +313,7 @@ async def test_unacked_command_is_redelivered_and_acked_one_is_not(
                 if received.command.id == first.id:
                     break
     assert got == [(first.id, 1), (second.id, 1), (first.id, 2)]
-    info = await command_bus.js.stream_info(ev.COMMANDS_STREAM)
+    info = await command_bus.js.stream_info(wire.COMMANDS_STREAM)
     assert info.state.messages == 1  # only n2's command is left in the work queue
 
 

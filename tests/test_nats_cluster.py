@@ -11,9 +11,10 @@ import anyio
 import nats.errors
 from gpuwarden.adapters.embedded_nats import start_cluster
 from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.errors import EventLogError
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core import wire
 from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.ports import EventLogError
 
 AT = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
@@ -65,7 +66,7 @@ async def _stream_with_leader(log: JetStreamEventLog) -> Any:
     with anyio.fail_after(10):
         while True:
             try:
-                info = await log.js.stream_info(ev.EVENTS_STREAM)
+                info = await log.js.stream_info(wire.EVENTS_STREAM)
             except nats.errors.Error:
                 info = None
             if info is not None and info.cluster is not None and info.cluster.leader:

@@ -13,8 +13,8 @@ import anyio
 import pytest
 from gpuwarden.adapters.embedded_nats import find_binary, free_port
 from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.errors import EventLogError
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.ports import EventLogError
 
 AT = datetime(2026, 11, 29, tzinfo=UTC)
 

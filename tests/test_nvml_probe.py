@@ -33,8 +33,8 @@ from gpuwarden.adapters.nvml_probe import (
     recovery_action_to_fault,
     xid_event_to_fault,
 )
-from gpuwarden.engine.errors import GpuProbeError
-from gpuwarden.engine.events import GpuFault, GpuInfo, decode, encode
+from gpuwarden.engine.core.events import GpuFault, GpuInfo, decode, encode
+from gpuwarden.engine.ports import GpuProbeError
 
 DATA = Path(__file__).parent / "data" / "nvml"
 AT = datetime(2026, 1, 1, tzinfo=UTC)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
-from gpuwarden.engine.placement import NoFit, Placement, PlacementRequest, matches, place
+from gpuwarden.engine.core.placement import NoFit, Placement, PlacementRequest, matches, place
 
 
 @dataclass

@@ -8,9 +8,9 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from gpuwarden.engine.errors import PolicyError
-from gpuwarden.engine.events import FAULT_TYPES
-from gpuwarden.engine.policy import (
+from gpuwarden.engine.core.errors import PolicyError
+from gpuwarden.engine.core.events import FAULT_TYPES
+from gpuwarden.engine.core.policy import (
     ACTIONS,
     DEFAULT_POLICY,
     FAILURE_FAULTS,

@@ -315,7 +315,7 @@ def test_format_time_agrees_with_isoformat_for_any_utc_time(value: datetime) -> 
 def test_a_start_after_the_task_ended_does_not_revive_it() -> None:
     """A cancel can race the run: the container's start (and its exit) land after the
     task.cancelled, and the read model must keep saying cancelled, as the engine does."""
-    from gpuwarden.engine import events as ev
+    from gpuwarden.engine.core import events as ev
 
     from tests.test_projections_log import LogBuilder
 

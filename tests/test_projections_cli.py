@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from gpuwarden.projections import cli
+from gpuwarden.engine.cli import query as cli
 from gpuwarden.projections.errors import TaskNotFoundError
 from gpuwarden.projections.export import read_jsonl
 

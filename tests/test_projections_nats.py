@@ -81,9 +81,11 @@ async def test_the_cli_end_to_end(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    engine_cli = pytest.importorskip("gpuwarden.engine.cli")
+    import gpuwarden.engine.cli as engine_cli
+    from gpuwarden.engine.cli import query
+
     await publish(event_log, sample_log().stored)
-    monkeypatch.setattr(engine_cli, "COMMAND_MODULES", ["gpuwarden.projections.cli"])
+    monkeypatch.setattr(engine_cli, "COMMAND_MODULES", (query,))
     base = ["--nats", nats_server.url, "--data-dir", str(tmp_path)]  # type: ignore[attr-defined]
 
     def run(*argv: str) -> int:

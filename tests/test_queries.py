@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
 from gpuwarden.projections import queries as q
 from gpuwarden.projections.errors import TimeFormatError
 from gpuwarden.projections.store import ProjectionStore

@@ -24,13 +24,14 @@ import msgspec
 import pytest
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
-from gpuwarden.engine import events as ev
 from gpuwarden.engine.cli import main
 from gpuwarden.engine.clock import VirtualClock
-from gpuwarden.engine.liveness import Liveness
-from gpuwarden.engine.policy import DEFAULT_POLICY, Policy
-from gpuwarden.engine.ports import BASIS_HEADER, TRIGGER_HEADER, StoredEvent
-from gpuwarden.engine.runtime import POLICY_HEADER, Engine, policy_digest
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.liveness import Liveness
+from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy
+from gpuwarden.engine.core.wire import BASIS_HEADER, POLICY_HEADER, TRIGGER_HEADER, policy_digest
+from gpuwarden.engine.ports import StoredEvent
+from gpuwarden.engine.runtime import Engine
 from gpuwarden.projections import replay as rp
 from gpuwarden.projections.export import read_jsonl, write_jsonl
 from gpuwarden.projections.replay import summarize

@@ -16,11 +16,11 @@ import pytest
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.heartbeats import Heartbeat, NatsHeartbeats, heartbeat_subject
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
-from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
-from gpuwarden.engine.commands import Command, StopCommand
-from gpuwarden.engine.errors import EventLogError
-from gpuwarden.engine.liveness import Liveness
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.commands import Command, StopCommand
+from gpuwarden.engine.core.liveness import Liveness
+from gpuwarden.engine.ports import EventLogError
 from gpuwarden.engine.runtime import Engine
 from nats.aio.client import Client as NatsClient
 

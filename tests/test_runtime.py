@@ -10,10 +10,11 @@ from typing import Any
 import anyio
 from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
-from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
-from gpuwarden.engine.commands import RunCommand
-from gpuwarden.engine.ports import BASIS_HEADER, TRIGGER_HEADER, StoredEvent
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.commands import RunCommand
+from gpuwarden.engine.core.wire import BASIS_HEADER, TRIGGER_HEADER
+from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.engine.runtime import Engine
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -279,7 +280,7 @@ async def test_a_restart_does_not_resend_the_run_of_a_cancelled_task(
 
 def test_a_task_group_failure_is_reported_as_its_first_gpuwarden_error() -> None:
     from gpuwarden.engine.cli import _first_error
-    from gpuwarden.engine.errors import PolicyError
+    from gpuwarden.engine.core.errors import PolicyError
 
     inner = PolicyError("p.toml: policy.window_s: must be > 0")
     group = BaseExceptionGroup("tg", [ValueError("noise"), ExceptionGroup("inner", [inner])])

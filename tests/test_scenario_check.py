@@ -17,7 +17,7 @@ from gpuwarden.adapters.scenario_check import (
     observe,
 )
 from gpuwarden.adapters.scenario_file import Scenario, parse_scenario
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from gpuwarden.adapters import scenario_file as sf
-from gpuwarden.engine.errors import ScenarioError
+from gpuwarden.adapters.scenario_file import ScenarioError
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 DRILLS = sorted(SCENARIOS.glob("*.toml"))

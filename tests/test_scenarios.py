@@ -167,7 +167,7 @@ async def test_a_hung_process_on_a_failed_gpu_is_killed_by_the_engine() -> None:
     """Drill 29 through the real engine, agent and log: nothing in the drill ends the
     first container, so its exit can only come from the engine's stop, sent because of
     the classification (its causation) after the Xid's window closed."""
-    from gpuwarden.engine import events as ev
+    from gpuwarden.engine.core import events as ev
 
     path = next(p for p in LIBRARY if p.name.startswith("29-"))
     result = await run_scenario(load_scenario(path))

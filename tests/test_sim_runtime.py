@@ -11,10 +11,10 @@ import anyio
 import pytest
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.adapters.sim_runtime import CountingCommandBus, SimNodeSpec, SimRuntime
-from gpuwarden.engine import events as ev
 from gpuwarden.engine.clock import VirtualClock
-from gpuwarden.engine.commands import RunCommand, StopCommand
-from gpuwarden.engine.liveness import Liveness
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.commands import RunCommand, StopCommand
+from gpuwarden.engine.core.liveness import Liveness
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 

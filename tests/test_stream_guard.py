@@ -34,9 +34,9 @@ from gpuwarden.adapters.stream_guard import (
     stream_is_sound,
     stream_problem,
 )
-from gpuwarden.engine.errors import EventLogError
-from gpuwarden.engine.events import EVENTS_STREAM
-from gpuwarden.projections import cli
+from gpuwarden.engine.cli import query as cli
+from gpuwarden.engine.core.wire import EVENTS_STREAM
+from gpuwarden.engine.ports import EventLogError
 from gpuwarden.projections.store import STREAM_META, ProjectionStore
 
 from tests.test_projections_log import sample_log

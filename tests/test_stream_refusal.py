@@ -9,7 +9,8 @@ import anyio
 import pytest
 from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.adapters.stream_guard import EngineStreamCheck
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core import wire
 from gpuwarden.engine.runtime import Engine
 from nats.js import api
 
@@ -42,7 +43,7 @@ async def test_a_recreated_stream_stops_decisions(
     await world.emit(ev.TaskSubmitted, task_id="t1", name="t1", image="i", command=("x",))
     await world.settle()
     assert world.engine.stream_problem is None
-    await event_log.js.delete_stream(ev.EVENTS_STREAM)  # what an admin (only) can do
+    await event_log.js.delete_stream(wire.EVENTS_STREAM)  # what an admin (only) can do
     await event_log.ensure_streams()  # and what the next careless client does
     await world.emit(ev.TaskSubmitted, task_id="t2", name="t2", image="i", command=("x",))
     problem = await refusal(world.engine, "deleted and recreated")
@@ -57,7 +58,7 @@ async def test_a_recreated_stream_stops_decisions(
 async def test_a_trimmed_stream_stops_decisions(world: World, event_log: JetStreamEventLog) -> None:
     await register(world, "n1", 2)
     await world.settle()
-    info = await event_log.js.stream_info(ev.EVENTS_STREAM)
+    info = await event_log.js.stream_info(wire.EVENTS_STREAM)
     config: api.StreamConfig = info.config
     config.max_msgs = 3
     await event_log.js.update_stream(config)

@@ -12,18 +12,12 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.commands import RunCommand, StopCommand
-from gpuwarden.engine.policy import Policy, Rule
-from gpuwarden.engine.supervisor import (
-    commands_for,
-    decide,
-    decide_many,
-    evolve,
-    initial_state,
-    next_due,
-    reconcile,
-)
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.commands import RunCommand, StopCommand, commands_for
+from gpuwarden.engine.core.decide import decide, decide_many, reconcile
+from gpuwarden.engine.core.fold import evolve
+from gpuwarden.engine.core.policy import Policy, Rule
+from gpuwarden.engine.core.state import initial_state, next_due
 
 from tests.supervisor_driver import T0, Driver
 
@@ -975,8 +969,7 @@ def test_a_gpu_quarantined_in_a_round_is_not_allocated_in_the_same_round() -> No
 
 
 def test_a_lost_node_that_registers_again_stays_lost_until_it_recovers() -> None:
-    from gpuwarden.engine.commands import StopCommand
-    from gpuwarden.engine.supervisor import commands_for
+    from gpuwarden.engine.core.commands import StopCommand, commands_for
 
     d = Driver()
     d.node("a", 1)

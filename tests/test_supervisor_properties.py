@@ -15,19 +15,11 @@ import copy
 from datetime import timedelta
 from typing import Any
 
-from gpuwarden.engine import events as ev
-from gpuwarden.engine.policy import DEFAULT_POLICY, Policy, Rule
-from gpuwarden.engine.supervisor import (
-    TERMINAL,
-    State,
-    awaits_kill,
-    decide,
-    decide_many,
-    evolve,
-    initial_state,
-    next_due,
-    reconcile,
-)
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.decide import decide, decide_many, reconcile
+from gpuwarden.engine.core.fold import evolve
+from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy, Rule
+from gpuwarden.engine.core.state import TERMINAL, State, awaits_kill, initial_state, next_due
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -82,7 +82,7 @@ def test_a_gpu_timeline_has_one_row_per_tenant_and_its_quarantine() -> None:
 
 
 def test_text_is_escaped() -> None:
-    from gpuwarden.engine import events as ev
+    from gpuwarden.engine.core import events as ev
 
     from tests.test_projections_log import LogBuilder
 

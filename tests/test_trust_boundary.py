@@ -24,7 +24,8 @@ import pytest
 from gpuwarden.adapters import auth
 from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
 from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
-from gpuwarden.engine import events as ev
+from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core import wire
 from nats.aio.client import Client as NatsClient
 
 from tests.test_auth import Conn
@@ -216,7 +217,7 @@ async def test_poison_exits_are_dead_lettered_and_up_survives_a_restart(up: Up) 
 async def test_forgeries_are_refused_by_the_server(up: Up) -> None:
     operator, log, task, gpu = await running_task(up)
     before = await log.last_seq()
-    cmds_before = (await operator.nc.jetstream().stream_info(ev.COMMANDS_STREAM)).state.last_seq
+    cmds_before = (await operator.nc.jetstream().stream_info(wire.COMMANDS_STREAM)).state.last_seq
     n2 = await up.conn("node-n2")
     exited = raw_exit(task, node="local", exit_code=3)
     for subject, payload in [
@@ -241,10 +242,10 @@ async def test_forgeries_are_refused_by_the_server(up: Up) -> None:
     reader = await up.conn("reader")
     await reader.publish_refused(ev.gpu_subject(gpu) + ".op", b"{}")
     assert await log.last_seq() == before
-    info = await operator.nc.jetstream().stream_info(ev.EVENTS_STREAM)
+    info = await operator.nc.jetstream().stream_info(wire.EVENTS_STREAM)
     assert info.config.max_msgs in (-1, None) and info.state.first_seq == 1
     assert (
-        await operator.nc.jetstream().stream_info(ev.COMMANDS_STREAM)
+        await operator.nc.jetstream().stream_info(wire.COMMANDS_STREAM)
     ).state.last_seq == cmds_before
     assert up.alive()
     tasks = json.loads((await up.cli("tasks", "--json")).stdout)

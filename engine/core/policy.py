@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from gpuwarden.engine.errors import PolicyError
-from gpuwarden.engine.events import FAULT_TYPES
+from gpuwarden.engine.core.errors import PolicyError
+from gpuwarden.engine.core.events import FAULT_TYPES
 
 ACTIONS: Final[tuple[str, ...]] = ("fail", "rebuild", "rebuild_uncounted")
 FAILURE_FAULTS: Final[tuple[str, ...]] = tuple(f for f in FAULT_TYPES if f != "completed")

@@ -21,8 +21,8 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from gpuwarden.engine.errors import GpuwardenError, PolicyError
-from gpuwarden.engine.policy import DEFAULT_POLICY, Policy, parse_policy
+from gpuwarden.engine.core.errors import GpuwardenError, PolicyError
+from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy, parse_policy
 
 log = logging.getLogger("gpuwarden.service")
 
@@ -85,7 +85,7 @@ def register(subparsers: Any) -> None:
 
 
 async def run_engine_command(args: argparse.Namespace) -> int:
-    from gpuwarden.engine.cli import nats_url
+    from gpuwarden.engine.cli.common import nats_url
 
     _configure_logging(args.verbose)
     policy = load_policy_file(args.policy)
@@ -155,9 +155,9 @@ async def serve_engine(
     from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
     from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
     from gpuwarden.adapters.stream_guard import EngineStreamCheck
-    from gpuwarden.engine.cli import connect_with
+    from gpuwarden.engine.cli.common import connect_with
     from gpuwarden.engine.clock import SystemClock
-    from gpuwarden.engine.liveness import Liveness
+    from gpuwarden.engine.core.liveness import Liveness
     from gpuwarden.engine.metrics import EngineMetrics, serve_metrics
     from gpuwarden.engine.runtime import Engine
 
@@ -333,7 +333,7 @@ def docker_reachable(timeout_s: float = 2.0) -> str | None:
 
 
 async def run_up_command(args: argparse.Namespace) -> int:
-    from gpuwarden.engine.cli import nats_url
+    from gpuwarden.engine.cli.common import nats_url
 
     _configure_logging(args.verbose)
     policy = load_policy_file(args.policy)
@@ -429,7 +429,7 @@ async def _up_credentials(args: argparse.Namespace) -> _UpCredentials:
 async def _serve_local_agent(
     args: argparse.Namespace, url: str, runtime: str, creds: str | None
 ) -> None:
-    from gpuwarden.adapters import agent_cli
+    from gpuwarden.engine.cli import agent as agent_cli
 
     agent_args = argparse.Namespace(**vars(args))
     agent_args.nats = url

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Final, TypeAlias
 
 import msgspec
-from gpuwarden.engine.errors import EventDecodeError
+from gpuwarden.engine.core.errors import EventDecodeError
 
 
 class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -279,11 +279,6 @@ def type_of(event: Event) -> str:
 
 # --- subjects ----------------------------------------------------------------------
 
-EVENTS_STREAM: Final = "GW_EVENTS"
-COMMANDS_STREAM: Final = "GW_CMDS"
-EVENT_SUBJECTS: Final = "gw.evt.>"
-COMMAND_SUBJECTS: Final = "gw.cmd.*"
-DEAD_LETTER_SUBJECT: Final = "gw.dlq"
 
 _TOKEN_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
 

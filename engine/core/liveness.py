@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from gpuwarden.engine.events import Event, NodeLost, NodeRecovered, derive_id
-from gpuwarden.engine.supervisor import State
+from gpuwarden.engine.core.events import Event, NodeLost, NodeRecovered, derive_id
+from gpuwarden.engine.core.state import State
 
 ACTOR = "engine"
 

@@ -44,7 +44,7 @@ def _handler(run: Runner) -> Callable[[argparse.Namespace], Awaitable[int]]:
     """Adapt `run(args, log, store_path)` to the CLI's `handler(args)`."""
 
     async def handler(args: argparse.Namespace) -> int:
-        from gpuwarden.engine.cli import open_event_log
+        from gpuwarden.engine.cli.common import open_event_log
 
         async with open_event_log(args) as log:
             return await run(args, log, store_path(args))

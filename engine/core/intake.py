@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 
-from gpuwarden.engine.errors import TaskRequestError
-from gpuwarden.engine.events import Event, GpuInfo, NodeRegistered, TaskSubmitted
+from gpuwarden.engine.core.errors import TaskRequestError
+from gpuwarden.engine.core.events import Event, GpuInfo, NodeRegistered, TaskSubmitted
 
 FIELDS: Final = frozenset(
     {

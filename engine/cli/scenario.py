@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpuwarden.engine.errors import GpuwardenError
+from gpuwarden.engine.core.errors import GpuwardenError
 
 EXIT_FAILED = 1
 EXIT_ERROR = 2
@@ -279,7 +279,7 @@ async def run_demo(args: argparse.Namespace) -> int:
 def timeline(records: Any) -> list[str]:
     """One readable line per event: virtual time, type, task, what it says."""
     from gpuwarden.adapters.scenario_runner import T0
-    from gpuwarden.engine.events import type_of
+    from gpuwarden.engine.core.events import type_of
 
     lines = []
     for record in records:
@@ -373,11 +373,11 @@ async def _kill_and_rebuild(client: Any, image: str) -> None:
     from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
     from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
     from gpuwarden.adapters.nvml_probe import declared_inventory
-    from gpuwarden.engine import events as ev
     from gpuwarden.engine.clock import SystemClock
+    from gpuwarden.engine.core import events as ev
+    from gpuwarden.engine.core.liveness import Liveness
+    from gpuwarden.engine.core.policy import Policy
     from gpuwarden.engine.ids import new_id
-    from gpuwarden.engine.liveness import Liveness
-    from gpuwarden.engine.policy import Policy
     from gpuwarden.engine.runtime import Engine
 
     run = new_id()[-8:].lower()
@@ -445,7 +445,7 @@ async def _kill_and_rebuild(client: Any, image: str) -> None:
 
 def _summary(event: Any) -> str:
     """explain's one-line summary, with the GPU bookkeeping spelled out too."""
-    from gpuwarden.engine import events as ev
+    from gpuwarden.engine.core import events as ev
     from gpuwarden.projections.explain import summary
 
     match event:
@@ -474,7 +474,7 @@ def msgspec_replace(event: Any, **changes: Any) -> Any:
 
 async def _wait_event(log: Any, task: str, kind: str, attempt: int) -> Any:
     """The first event of `kind` for the task's `attempt` (callers hold a deadline)."""
-    from gpuwarden.engine.events import type_of
+    from gpuwarden.engine.core.events import type_of
 
     async for record in log.subscribe(1):
         event = record.event

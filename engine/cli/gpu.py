@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from gpuwarden.engine.errors import GpuwardenError
+from gpuwarden.engine.core.errors import GpuwardenError
 
 
 class GpuRestoreError(GpuwardenError):
@@ -34,8 +34,8 @@ def register(subparsers: Any) -> None:
 
 
 async def run_restore(args: argparse.Namespace) -> int:
-    from gpuwarden.engine.cli import open_event_log
-    from gpuwarden.engine.events import (
+    from gpuwarden.engine.cli.common import open_event_log
+    from gpuwarden.engine.core.events import (
         GpuQuarantined,
         GpuRestored,
         gpu_subject,
@@ -43,8 +43,9 @@ async def run_restore(args: argparse.Namespace) -> int:
         node_subject,
         to_builtins,
     )
+    from gpuwarden.engine.core.fold import evolve
+    from gpuwarden.engine.core.state import initial_state
     from gpuwarden.engine.ids import new_id
-    from gpuwarden.engine.supervisor import evolve, initial_state
 
     async with open_event_log(args) as log:
         subject = gpu_subject(args.gpu_uuid)

@@ -3,7 +3,7 @@
 They are clients of the API service (NATS request-reply), never writers of the log
 themselves, so every submission passes the same validation and idempotency as any
 other client's. When nothing answers they say so instead of hanging. Read commands
-(`tasks`, `gpus`, `nodes`, `events`) live with the read model in projections/cli.py.
+(`tasks`, `gpus`, `nodes`, `events`) live in engine/cli/query.py, over the read model.
 
 A request goes to `gw.api.<principal>.task.<verb>`: the principal of `--creds` (the
 server lets it publish there only), else, on an insecure cluster, `--owner` or `$USER`.
@@ -17,8 +17,8 @@ import os
 import sys
 from typing import Any
 
-from gpuwarden.engine.errors import GpuwardenError
-from gpuwarden.engine.events import subject_token
+from gpuwarden.engine.core.errors import GpuwardenError
+from gpuwarden.engine.core.events import subject_token
 
 CREATE = "create"
 CANCEL = "cancel"
@@ -177,7 +177,7 @@ async def request_as(nc: Any, subject: str, data: bytes, wait_s: float) -> Any:
 async def call(args: argparse.Namespace, subject: str, request: dict[str, Any]) -> dict[str, Any]:
     """One request-reply round trip; raises ApiUnavailableError when nobody answers."""
     import nats.errors
-    from gpuwarden.engine.cli import connect_with, nats_url
+    from gpuwarden.engine.cli.common import connect_with, nats_url
 
     async with nats_url(args) as url:
         nc = await connect_with(args, url, "gpuwarden-cli", max_reconnect_attempts=0)

@@ -57,7 +57,7 @@ def register(subparsers: Any) -> None:
 
 
 async def run_agent_command(args: argparse.Namespace) -> int:
-    from gpuwarden.engine.errors import GpuwardenError
+    from gpuwarden.engine.core.errors import GpuwardenError
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -108,9 +108,9 @@ async def serve_docker(args: argparse.Namespace) -> None:
     from gpuwarden.adapters.heartbeats import NatsHeartbeats
     from gpuwarden.adapters.jetstream import JetStreamCommandBus
     from gpuwarden.adapters.nvml_probe import NvmlProbe, probe_or_declare
-    from gpuwarden.engine.cli import open_event_log
+    from gpuwarden.engine.cli.common import open_event_log
     from gpuwarden.engine.clock import SystemClock
-    from gpuwarden.engine.errors import ContainerRuntimeError, GpuProbeError
+    from gpuwarden.engine.ports import ContainerRuntimeError, GpuProbeError
 
     found = probe_or_declare(
         args.node, count=args.gpus, model=args.gpu_model, memory_mb=args.gpu_memory_mb
@@ -158,7 +158,7 @@ async def serve_sim(args: argparse.Namespace) -> None:
     from gpuwarden.adapters.heartbeats import NatsHeartbeats
     from gpuwarden.adapters.jetstream import JetStreamCommandBus
     from gpuwarden.adapters.sim_runtime import SimNodeSpec, SimRuntime
-    from gpuwarden.engine.cli import open_event_log
+    from gpuwarden.engine.cli.common import open_event_log
     from gpuwarden.engine.clock import SystemClock
 
     spec = SimNodeSpec(args.node, args.gpus, args.gpu_model, args.gpu_memory_mb or None)

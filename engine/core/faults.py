@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
-from gpuwarden.engine.events import ContainerExited, ContainerStartFailed, GpuFault, NodeLost
+from gpuwarden.engine.core.events import ContainerExited, ContainerStartFailed, GpuFault, NodeLost
 
 # Fragments of the Docker daemon's / runc's error texts that mean the image or the
 # command itself is wrong, so a rebuild on other hardware cannot help. Seen with the

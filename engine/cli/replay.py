@@ -19,8 +19,8 @@ from typing import Any, TextIO
 
 import anyio
 import msgspec
-from gpuwarden.engine.events import to_builtins, type_of
-from gpuwarden.engine.policy import DEFAULT_POLICY, Policy, parse_policy
+from gpuwarden.engine.core.events import to_builtins, type_of
+from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy, parse_policy
 from gpuwarden.projections import replay as rp
 from gpuwarden.projections.export import read_jsonl
 from gpuwarden.projections.queries import parse_time
@@ -89,7 +89,7 @@ async def _records(args: argparse.Namespace) -> AsyncIterator[rp.Records]:
             raise rp.ReplayError(f"{path}: no such file (an exported JSONL log)")
         yield read_jsonl(path)
         return
-    from gpuwarden.engine.cli import open_event_log
+    from gpuwarden.engine.cli.common import open_event_log
 
     async with open_event_log(args) as log:
         last = await log.last_seq()

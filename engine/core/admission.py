@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, TypeAlias
 
-from gpuwarden.engine.events import (
+from gpuwarden.engine.core.events import (
     FAILURE_REASONS,
     FAULT_TYPES,
     WRITER_NODE,
@@ -52,6 +52,7 @@ from gpuwarden.engine.events import (
     type_of,
     writer_of,
 )
+from gpuwarden.engine.core.wire import MAX_EVENT_BYTES
 
 # --- bounds --------------------------------------------------------------------------
 
@@ -503,9 +504,6 @@ def check_subject(subject: str, event: Event) -> str | None:
         return f"subject {shown} is not where a {type_of(event)}{about} goes ({expected})"
     except Exception as exc:
         return f"subject: unreadable event ({type(exc).__name__})"
-
-
-MAX_EVENT_BYTES: Final = 256 * 1024  # a stored message's payload; larger is refused
 
 
 def check_size(size: int) -> str | None:
