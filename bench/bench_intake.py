@@ -30,8 +30,10 @@ from pathlib import Path
 
 import anyio
 from gpuwarden.adapters.api_service import ApiService, api_subject
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.engine.clock import SystemClock
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core.intake import task_id_for_request

@@ -109,7 +109,8 @@ def stored_stream(total: int) -> Iterator[StoredEvent]:
 
 async def bench_rebuild(events: int, workdir: Path, profile: str | None = None) -> None:
     from gpuwarden.adapters.embedded_nats import EmbeddedNats
-    from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
+    from gpuwarden.adapters.event_log import JetStreamEventLog
+    from gpuwarden.adapters.nats_connection import connect
 
     async with EmbeddedNats(workdir / "nats") as server:
         nc = await connect(server.url, name="bench")

@@ -25,14 +25,8 @@ from gpuwarden.projections.model import (
     TaskRow,
     format_time,
 )
-from gpuwarden.projections.store import (
-    ProjectionStore,
-    attempt_row,
-    event_row,
-    gpu_row,
-    node_row,
-    task_row,
-)
+from gpuwarden.projections.store import ProjectionStore
+from gpuwarden.projections.tables import attempt_row, event_row, gpu_row, node_row, task_row
 
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

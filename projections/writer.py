@@ -1,9 +1,11 @@
-"""The SQLite side of a rebuild, in a process of its own.
+"""The projection store's writer, in a process of its own.
 
-A rebuild is bound by one core: reading the log and folding it hold the GIL, so a
-writer thread only takes turns with them. Run as `python -m gpuwarden.projections.writer`
-this module writes on the second core while the parent reads and folds. It starts with
-only the standard library and msgspec, so it is ready before the first batch arrives.
+Every batch the store applies (apply, catch_up, follow, rebuild) is committed here.
+Reading the log and folding it hold the GIL, so a writer thread would only take turns
+with them. Run as `python -m gpuwarden.projections.writer` this module writes on the
+second core while the parent reads and folds (projections/writer_process.py is the
+parent's side). It starts with only the standard library and msgspec, so it is ready
+before the first batch arrives.
 
 The events index of a rebuild is built here too: the parent sends each stored event as
 it came from the log (sequence, subject, headers, bytes; and its time as the parent
@@ -14,12 +16,13 @@ fold onto this core; the model is imported on the first such batch.
 
 Protocol on stdin/stdout: length-prefixed msgpack (msgspec encodes a batch's rows three
 times faster than pickle, and the encoding is the parent's cost). The parent sends
-`("open", path, pragmas)`, then `("batch", last, [(insert_head, rows), ...])` any number of
-times, then `("finish", script)`. Each batch commits in ONE transaction with its
-checkpoint and is answered `("ok", last)`; `finish` runs the script (the schema) and is
-answered `("done", last)`. Any error is answered `("error", text)` and ends the process.
-End of input (the parent closed the pipe or died) ends it too: a batch that did not
-arrive whole is never written, so a re-run resumes from the last committed checkpoint.
+`("open", path, pragmas)`, then `("batch", last, [(insert_head, rows), ...])` any number
+of times, and a rebuild then `("finish", script)`. Each batch commits in ONE transaction
+with its checkpoint and is answered `("ok", last)`; `finish` runs the script (the
+schema) and is answered `("done", last)`. Any error is answered `("error", text)` and
+ends the process. End of input (the parent closed the pipe or died) ends it too: a
+batch that did not arrive whole is never written, so a re-run resumes from the last
+committed checkpoint.
 """
 
 from __future__ import annotations

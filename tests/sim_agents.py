@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import anyio
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core.commands import RunCommand, StopCommand
 from gpuwarden.engine.ports import EventLogError

@@ -21,8 +21,10 @@ from typing import Any
 import anyio
 import pytest
 from gpuwarden.adapters.api_service import CREATE, ApiService
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.engine.clock import VirtualClock
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ports import ConcurrencyError, StoredEvent

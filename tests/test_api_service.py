@@ -18,7 +18,7 @@ from gpuwarden.adapters import api_service
 from gpuwarden.adapters.api_service import CREATE, GET, ApiService, api_subject, route
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
 from gpuwarden.adapters.env_seal import EnvKey, is_sealed, open_env, seal_env
-from gpuwarden.adapters.jetstream import JetStreamEventLog
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.engine import cli
 from gpuwarden.engine.cli import api as api_cli
 from gpuwarden.engine.clock import VirtualClock

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ports import StoredEvent
 

@@ -13,7 +13,8 @@ from gpuwarden.adapters.embedded_nats import (
     _answers,
     render_config,
 )
-from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.nats_connection import connect
 
 
 async def test_second_start_finds_the_running_server(tmp_path: Path) -> None:

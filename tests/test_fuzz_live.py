@@ -44,7 +44,8 @@ import anyio
 import nats.errors
 import nats.js.errors
 import pytest
-from gpuwarden.adapters.jetstream import JetStreamEventLog, connect, stored_event
+from gpuwarden.adapters.event_log import JetStreamEventLog, stored_event
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.engine.core import admission as adm
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core.admission import Admission, check_size

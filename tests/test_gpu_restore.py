@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import anyio
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
-from gpuwarden.adapters.jetstream import JetStreamEventLog
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.engine.core import events as ev
 
 AT = datetime(2026, 11, 29, tzinfo=UTC)

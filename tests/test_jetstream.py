@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 
 import anyio
 import pytest
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core import wire
 from gpuwarden.engine.core.commands import RunCommand
@@ -67,12 +69,12 @@ async def test_incompatible_existing_stream_is_a_clear_error_and_left_alone(
     nc = await connect(nats_server.url)
     try:
         log = JetStreamEventLog(nc)
-        from gpuwarden.adapters import jetstream
+        from gpuwarden.adapters import stream_config
 
         make = (
-            jetstream.events_stream_config
+            stream_config.events_stream_config
             if stream == wire.EVENTS_STREAM
-            else jetstream.commands_stream_config
+            else stream_config.commands_stream_config
         )
         config = make(1, 60.0)
         for key, value in override.items():

@@ -10,7 +10,8 @@ from typing import Any
 import anyio
 import nats.errors
 from gpuwarden.adapters.embedded_nats import start_cluster
-from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core import wire
 from gpuwarden.engine.ids import new_id

@@ -12,7 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 from gpuwarden.adapters.embedded_nats import find_binary, free_port
-from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ports import EventLogError
 

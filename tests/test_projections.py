@@ -11,7 +11,9 @@ import pytest
 from gpuwarden.projections import model as m
 from gpuwarden.projections import queries as q
 from gpuwarden.projections import store as store_mod
+from gpuwarden.projections.errors import ProjectionStoreError
 from gpuwarden.projections.store import ProjectionStore
+from gpuwarden.projections.tables import EVENT_INDEXES
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -155,25 +157,20 @@ async def test_rows_reload_from_sqlite_when_the_cache_is_evicted(
         assert await q.gpus(store) == EXPECTED_GPUS
 
 
-async def test_a_failed_commit_leaves_rows_and_checkpoint_as_they_were(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_failed_commit_leaves_rows_and_checkpoint_as_they_were(tmp_path: Path) -> None:
     stored = sample_log().stored
     async with ProjectionStore(tmp_path) as store:
         await store.apply(stored[:10])
         before = await snapshot(store)
-        original = store_mod._set_checkpoint
-
-        def explode(conn: Any, last: int) -> None:  # after the batch's rows, before COMMIT
-            if last == 20:
-                raise RuntimeError("disk on fire")
-            original(conn, last)
-
-        monkeypatch.setattr(store_mod, "_set_checkpoint", explode)
-        with pytest.raises(RuntimeError):
+        # The writer fails after the batch's rows, before COMMIT (at the checkpoint).
+        await store.db.execute(
+            "CREATE TRIGGER explode BEFORE UPDATE ON checkpoint WHEN NEW.last_seq = 20 "
+            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+        )
+        with pytest.raises(ProjectionStoreError, match="disk on fire"):
             await store.apply(stored[10:20])
         assert await snapshot(store) == before
-        monkeypatch.setattr(store_mod, "_set_checkpoint", original)
+        await store.db.execute("DROP TRIGGER explode")
         await store.apply(stored)
         assert await q.tasks(store) == EXPECTED_TASKS
         assert await q.attempts(store) == EXPECTED_ATTEMPTS
@@ -247,7 +244,7 @@ async def test_a_real_rebuild_killed_midway_resumes_with_its_indexes(tmp_path: P
         assert [r.seq for r in await q.events(store, task="t2")] == [16, 17, 18, 19, 20, 21, 22]
         async with store.db.execute("SELECT name FROM sqlite_master WHERE type='index'") as cur:
             names = {row[0] for row in await cur.fetchall()}
-        assert set(store_mod.EVENT_INDEXES) <= names
+        assert set(EVENT_INDEXES) <= names
 
 
 async def test_a_store_that_cannot_open_does_not_leave_its_connection_thread(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from gpuwarden.adapters.jetstream import JetStreamEventLog
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.engine.ports import StoredEvent
 from gpuwarden.projections import queries as q
 from gpuwarden.projections.export import export, from_line

@@ -22,7 +22,8 @@ import anyio
 import nats.js.errors
 import pytest
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
-from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.adapters.stream_guard import (
     StreamChangedError,
     StreamIdentity,

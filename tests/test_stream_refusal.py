@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.adapters.stream_guard import EngineStreamCheck
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core import wire

@@ -23,7 +23,8 @@ import anyio
 import pytest
 from gpuwarden.adapters import auth
 from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
-from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core import wire
 from nats.aio.client import Client as NatsClient

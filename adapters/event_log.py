@@ -1,4 +1,4 @@
-"""The event log and the command bus on NATS JetStream.
+"""The event log on NATS JetStream (the GW_EVENTS stream).
 
 The stream sequence is an event's position; `Nats-Msg-Id` = the event id makes a
 retried append harmless; `Nats-Expected-Last-Subject-Sequence` turns each aggregate's
@@ -13,46 +13,38 @@ import asyncio
 import base64
 import hashlib
 import json
-import logging
 import re
-import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from enum import Enum
 from typing import Any
 
 import anyio
-import nats
 import nats.errors
 import nats.js.errors
+from gpuwarden.adapters.nats_connection import unsubscribe
+from gpuwarden.adapters.publish_acks import MSG_ID, PubAcks
+from gpuwarden.adapters.stream_config import (
+    commands_stream_config,
+    ensure_stream,
+    events_stream_config,
+)
 from gpuwarden.adapters.stream_guard import StreamIdentity, read_identity
-from gpuwarden.engine.core.commands import Command, decode_command, encode_command
 from gpuwarden.engine.core.errors import EventDecodeError
 from gpuwarden.engine.core.events import (
     Event,
     aggregate_filter,
     aggregate_of_subject,
-    command_subject,
     decode,
     encode,
     subject_of,
-    subject_token,
 )
-from gpuwarden.engine.core.wire import (
-    COMMAND_SUBJECTS,
-    COMMANDS_STREAM,
-    EVENT_SUBJECTS,
-    EVENTS_STREAM,
-)
+from gpuwarden.engine.core.wire import EVENT_SUBJECTS, EVENTS_STREAM
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.ports import ConcurrencyError, EventLogError, StoredEvent, StreamConfigError
+from gpuwarden.engine.ports import ConcurrencyError, EventLogError, StoredEvent
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import api
 
-log = logging.getLogger(__name__)
-
-MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 # The subject (a wildcard here: the aggregate's `<aggregate>.>`) that the expectation is
 # checked against, instead of the subject the message is published on (server >= 2.11).
@@ -66,141 +58,6 @@ BATCH_DUPLICATE = 10201
 NO_MESSAGE_FOUND = 10037
 MAX_BATCH = 1000  # the server's limit on messages in one atomic batch
 _WRONG_SEQ_TEXT = re.compile(r"wrong last sequence:\s*(\d+)")
-
-
-async def connect(
-    url: str,
-    *,
-    creds: str | None = None,
-    tls_ca: str | None = None,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-    name: str = "gpuwarden",
-    deadline_s: float = 10.0,
-    **options: Any,
-) -> NatsClient:
-    """A nats-py connection; `url` may list several servers separated by commas.
-
-    Reconnects forever once connected, but the first connection has a deadline
-    (nats-py would otherwise retry an unreachable server forever). `creds` is a
-    credentials file: gpuwarden's own (adapters/auth.py: the principal's nkey seed, and
-    its own inbox prefix, the only inboxes its permissions let it read) or a NATS JWT
-    `.creds` file, handed to nats-py as it is.
-    """
-    servers = [part.strip() for part in url.split(",") if part.strip()]
-    problems: list[str] = []
-    refused = anyio.CancelScope()  # a server that refuses who we are will not change its mind
-
-    async def remember(exc: Exception) -> None:
-        text = str(exc) or type(exc).__name__
-        if text not in problems:  # a few distinct ones: "reset by peer" hides the cause
-            problems[:] = [*problems[-2:], text]
-        if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in (
-            text.lower()
-        ):
-            refused.cancel()
-        await _log_error(exc)
-
-    settings: dict[str, Any] = {
-        "name": name,
-        "reconnect_time_wait": 0.2,
-        "max_reconnect_attempts": -1,
-        "connect_timeout": 2,
-        "error_cb": remember,
-    }
-    if creds:
-        from gpuwarden.adapters.auth import connect_options, load_credentials
-
-        settings.update(connect_options(load_credentials(creds)))
-    settings.update(options)
-    if tls_ca or tls_cert:
-        settings["tls"] = _tls_context(tls_ca, tls_cert, tls_key)
-    try:
-        with anyio.fail_after(deadline_s), refused:
-            return await nats.connect(servers, **settings)
-    except TimeoutError:
-        why = f" (errors seen: {'; '.join(problems)})" if problems else ""
-        raise EventLogError(f"cannot connect to NATS at {url} within {deadline_s}s{why}") from None
-    except (OSError, nats.errors.Error) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise EventLogError(f"cannot connect to NATS at {url}: {reason}") from exc
-    from gpuwarden.adapters.auth import ConnectRefusedError
-
-    if creds:
-        who = f"the credentials in {creds}"
-    else:
-        who = "the user in the URL" if "@" in url else "a client without credentials"
-    raise ConnectRefusedError(
-        f"NATS at {url} refused {who}: authorization violation", url=url, creds=creds
-    )
-
-
-def _tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=ca)
-    if cert:
-        context.load_cert_chain(cert, key)
-    return context
-
-
-async def _log_error(exc: Exception) -> None:
-    log.debug("nats: %s", exc)
-
-
-# --- stream configuration ------------------------------------------------------------
-
-
-def events_stream_config(replicas: int, duplicate_window_s: float) -> api.StreamConfig:
-    return api.StreamConfig(
-        name=EVENTS_STREAM,
-        subjects=[EVENT_SUBJECTS],
-        retention=api.RetentionPolicy.LIMITS,
-        storage=api.StorageType.FILE,
-        discard=api.DiscardPolicy.OLD,
-        max_msgs_per_subject=-1,
-        deny_delete=True,
-        deny_purge=True,
-        allow_atomic=True,
-        duplicate_window=duplicate_window_s,
-        num_replicas=replicas,
-    )
-
-
-def commands_stream_config(replicas: int, duplicate_window_s: float) -> api.StreamConfig:
-    return api.StreamConfig(
-        name=COMMANDS_STREAM,
-        subjects=[COMMAND_SUBJECTS],
-        retention=api.RetentionPolicy.WORK_QUEUE,
-        storage=api.StorageType.FILE,
-        duplicate_window=duplicate_window_s,
-        num_replicas=replicas,
-    )
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value
-
-
-def check_compatible(wanted: api.StreamConfig, found: api.StreamConfig) -> None:
-    """Raise StreamConfigError naming the first field where `found` breaks gpuwarden."""
-    name = wanted.name
-    if sorted(found.subjects or []) != sorted(wanted.subjects or []):
-        raise _mismatch(name, "subjects", wanted.subjects, found.subjects)
-    for field in ("retention", "storage"):
-        want, have = _plain(getattr(wanted, field)), _plain(getattr(found, field))
-        if want != have:
-            raise _mismatch(name, field, want, have)
-    for flag in ("deny_delete", "deny_purge", "allow_atomic"):
-        if getattr(wanted, flag) and not getattr(found, flag):
-            raise _mismatch(name, flag, True, getattr(found, flag))
-    if wanted.max_msgs_per_subject in (-1, 0) and (found.max_msgs_per_subject or -1) > 0:
-        raise _mismatch(name, "max_msgs_per_subject", -1, found.max_msgs_per_subject)
-
-
-def _mismatch(stream: str | None, field: str, want: Any, have: Any) -> StreamConfigError:
-    return StreamConfigError(
-        f"stream {stream} exists with an incompatible {field}: {have!r} "
-        f"(gpuwarden needs {want!r}); it was left unchanged"
-    )
 
 
 # --- raw messages --------------------------------------------------------------------
@@ -248,59 +105,6 @@ class _RawMsg:
         self.data = base64.b64decode(body.get("data") or b"")
         hdrs = body.get("hdrs")
         self.headers = _parse_headers(base64.b64decode(hdrs)) if hdrs else {}
-
-
-class _PubAcks:
-    """Pipelined publishes with their acks on one wildcard inbox.
-
-    nats-py's `publish_async` leaves a future pending forever when the server answers
-    with an error (its reply handler raises instead of failing the future), so a stale
-    expectation would look like a timeout; this resolves every answer, errors included.
-    """
-
-    def __init__(self, nc: NatsClient) -> None:
-        self.nc = nc
-        self.prefix = ""
-        self.pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self.counter = 0
-
-    async def publish(
-        self, subject: str, payload: bytes, headers: dict[str, str]
-    ) -> asyncio.Future[dict[str, Any]]:
-        if not self.prefix:
-            inbox = self.nc.new_inbox()
-            await self.nc.subscribe(f"{inbox}.*", cb=self._on_reply)
-            self.prefix = inbox + "."
-        self.counter += 1
-        token = str(self.counter)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.pending[token] = future
-        try:
-            await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
-        except BaseException:
-            self.pending.pop(token, None)
-            raise
-        return future
-
-    def forget(self, futures: Sequence[asyncio.Future[dict[str, Any]]]) -> None:
-        for future in futures:
-            if not future.done():
-                future.cancel()
-        for token in [t for t, f in self.pending.items() if f.cancelled()]:
-            del self.pending[token]
-
-    async def _on_reply(self, msg: Msg) -> None:
-        future = self.pending.pop(msg.subject[len(self.prefix) :], None)
-        if future is None or future.done():
-            return
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-            answer: dict[str, Any] = {"error": {"code": 503, "description": "no responders"}}
-        else:
-            try:
-                answer = json.loads(msg.data)
-            except ValueError:
-                answer = {"error": {"code": 500, "description": f"bad ack {msg.data[:80]!r}"}}
-        future.set_result(answer)
 
 
 class _Feed:
@@ -373,7 +177,7 @@ class JetStreamEventLog:
         self.duplicate_window_s = duplicate_window_s
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
-        self._acks = _PubAcks(nc)
+        self._acks = PubAcks(nc)
 
     def msg_id(self, event_id: str) -> str:
         """The Nats-Msg-Id an event is appended under: its id, keyed where a key is set."""
@@ -388,41 +192,7 @@ class JetStreamEventLog:
             events_stream_config(self.replicas, self.duplicate_window_s),
             commands_stream_config(self.replicas, self.duplicate_window_s),
         ):
-            await self._ensure(config)
-
-    async def _ensure(self, config: api.StreamConfig) -> None:
-        """Create or check one stream; a cluster still forming is waited for (deadline)."""
-        assert config.name is not None
-        deadline = anyio.current_time() + max(self.timeout_s, 10.0)
-        while True:
-            try:
-                info = await self._find_or_create(config)
-                break
-            except (nats.errors.Error, TimeoutError) as exc:
-                # "no suitable peers for placement" (10005) and friends: a JetStream
-                # cluster whose servers have not all met yet. Try again until the deadline.
-                if anyio.current_time() >= deadline:
-                    raise EventLogError(
-                        f"cannot create stream {config.name}: {exc or type(exc).__name__} "
-                        "(only the engine and admin may create streams: start the engine "
-                        "first)"
-                    ) from exc
-                await anyio.sleep(0.2)
-        if info is not None:
-            check_compatible(config, info.config)
-
-    async def _find_or_create(self, config: api.StreamConfig) -> api.StreamInfo | None:
-        assert config.name is not None
-        try:
-            return await self.js.stream_info(config.name)
-        except nats.js.errors.NotFoundError:
-            try:
-                await self.js.add_stream(config)
-                return None
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code == 10058:  # already in use: lost a creation race
-                    return await self.js.stream_info(config.name)
-                raise
+            await ensure_stream(self.js, config, self.timeout_s)
 
     # --- appends ---------------------------------------------------------------------
 
@@ -728,7 +498,7 @@ class JetStreamEventLog:
                     yield stored_event(_stream_seq(msg.reply), msg.subject, msg.data, msg.headers)
         finally:
             with anyio.CancelScope(shield=True):
-                await _unsubscribe(sub)
+                await unsubscribe(sub)
 
     async def _ordered_consumer(self, feed: _Feed, from_seq: int, subject: str | None) -> Any:
         """Create the consumer, retrying while a cluster is electing a stream leader."""
@@ -760,145 +530,3 @@ def _read_config(from_seq: int, subject: str | None) -> api.ConsumerConfig:
         aggregate = aggregate_of_subject(subject)
         config.filter_subjects = [aggregate, aggregate_filter(aggregate)]
     return config
-
-
-async def _unsubscribe(sub: Any) -> None:
-    try:
-        with anyio.fail_after(2):
-            await sub.unsubscribe()
-    except Exception as exc:  # the connection may be gone; the consumer expires anyway
-        log.debug("unsubscribe failed: %s", exc)
-
-
-# --- the command bus -----------------------------------------------------------------
-
-
-class JetStreamReceivedCommand:
-    """A command with its delivery, to be acked once done (or nak'ed to retry)."""
-
-    def __init__(self, command: Command, msg: Msg) -> None:
-        self.command = command
-        self.msg = msg
-
-    @property
-    def deliveries(self) -> int:
-        return int(self.msg.metadata.num_delivered or 1)
-
-    async def ack(self) -> None:
-        """Acknowledge and wait for the server to confirm, so a done command is never rerun."""
-        try:
-            await self.msg.ack_sync(timeout=5)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise EventLogError(f"ack of command {self.command.id} not confirmed: {exc}") from exc
-
-    async def nak(self, delay_s: float | None = None) -> None:
-        await self.msg.nak(delay=delay_s)
-
-
-class JetStreamCommandBus:
-    """`CommandBus` on the GW_CMDS work queue: one durable pull consumer per node."""
-
-    def __init__(
-        self,
-        nc: NatsClient,
-        *,
-        ack_wait_s: float = 30.0,
-        timeout_s: float = 5.0,
-        poll_s: float = 1.0,
-    ) -> None:
-        self.nc = nc
-        self.js = nc.jetstream(timeout=timeout_s)
-        self._acks = _PubAcks(nc)
-        self.ack_wait_s = ack_wait_s
-        self.timeout_s = timeout_s
-        self.poll_s = poll_s
-
-    async def send_many(self, commands: Sequence[Command]) -> None:
-        """Publish several commands pipelined (in order), then wait for every ack."""
-        if len(commands) == 1:
-            await self.send(commands[0])
-            return
-        futures: list[asyncio.Future[dict[str, Any]]] = []
-        try:
-            with anyio.fail_after(self.timeout_s + len(commands) / 1000):
-                for command in commands:
-                    futures.append(
-                        await self._acks.publish(
-                            command_subject(command.node),
-                            encode_command(command),
-                            {MSG_ID: command.id},
-                        )
-                    )
-                answers = [await future for future in futures]
-        except TimeoutError:
-            raise EventLogError(
-                f"sending {len(commands)} commands timed out; resending is safe (msg ids)"
-            ) from None
-        except nats.errors.Error as exc:
-            raise EventLogError(f"sending {len(commands)} commands failed: {exc}") from exc
-        finally:
-            self._acks.forget(futures)
-        for command, answer in zip(commands, answers, strict=True):
-            if answer.get("error") is not None:
-                raise EventLogError(
-                    f"command {command.id} to {command.node} refused: {answer['error']}"
-                )
-
-    async def send(self, command: Command) -> None:
-        subject = command_subject(command.node)
-        try:
-            await self.js.publish(
-                subject,
-                encode_command(command),
-                headers={MSG_ID: command.id},
-                timeout=self.timeout_s,
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise EventLogError(f"cannot send command {command.id} to {subject}: {exc}") from exc
-
-    async def receive(self, node: str) -> AsyncIterator[JetStreamReceivedCommand]:
-        subject = command_subject(node)
-        durable = f"gw-agent-{subject_token(node)}"
-        config = api.ConsumerConfig(
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=self.ack_wait_s,
-            max_deliver=-1,
-            filter_subject=subject,
-        )
-        try:
-            psub = await self.js.pull_subscribe(
-                subject, durable=durable, stream=COMMANDS_STREAM, config=config
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise EventLogError(f"cannot consume {subject}: {exc}") from exc
-        try:
-            while True:
-                for msg in await self._fetch(psub):
-                    received = await self._decode(msg)
-                    if received is not None:
-                        yield received
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _unsubscribe(psub)
-
-    async def _fetch(self, psub: Any) -> list[Msg]:
-        try:
-            msgs: list[Msg] = await psub.fetch(batch=16, timeout=self.poll_s)
-            return msgs
-        except (nats.errors.TimeoutError, TimeoutError):
-            return []
-        except (nats.errors.ConnectionReconnectingError, nats.js.errors.ServiceUnavailableError):
-            await anyio.sleep(self.poll_s)  # the server is restarting: ride it out
-            return []
-        except nats.js.errors.APIError as exc:
-            log.warning("fetching commands failed, retrying: %s", exc)
-            await anyio.sleep(self.poll_s)
-            return []
-
-    async def _decode(self, msg: Msg) -> JetStreamReceivedCommand | None:
-        try:
-            return JetStreamReceivedCommand(decode_command(msg.data), msg)
-        except EventDecodeError as exc:
-            log.error("dropping malformed command on %s: %s", msg.subject, exc)
-            await msg.term()
-            return None
