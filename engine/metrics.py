@@ -13,6 +13,9 @@ import anyio
 import anyio.abc
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+REQUEST_TIMEOUT_S = 5.0  # for one scrape: its request read and the answer sent
+MAX_REQUEST_BYTES = 8192  # of a request head read before answering
+READ_CHUNK_BYTES = 4096
 
 
 class Histogram:
@@ -115,10 +118,10 @@ async def serve_metrics(
 
     async def handle(stream: anyio.abc.SocketStream) -> None:
         async with stream:
-            with anyio.move_on_after(5):
+            with anyio.move_on_after(REQUEST_TIMEOUT_S):
                 request = b""
-                while b"\r\n\r\n" not in request and len(request) < 8192:
-                    chunk = await stream.receive(4096)
+                while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST_BYTES:
+                    chunk = await stream.receive(READ_CHUNK_BYTES)
                     if not chunk:
                         break
                     request += chunk

@@ -11,6 +11,9 @@ re-derive it from exactly the state it was made in.
 
 Commands are sent when a decision is folded back, with ids derived from it, so a
 resend after a crash is dropped by the server (and by the agent's labels).
+
+Size: one module, past 600 lines, on purpose: the consume, decide, append and dispatch
+loops share the engine's state and its in-flight bookkeeping, and each is short.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import NoReturn, Protocol
+from typing import Final, Literal, NoReturn
 
 import anyio
 import anyio.abc
@@ -56,26 +59,36 @@ from gpuwarden.engine.ports import (
     Clock,
     CommandBus,
     ConcurrencyError,
+    DeadLetters,
     EventLog,
     EventLogError,
     StoredEvent,
+    StreamCheck,
 )
 
 log = logging.getLogger("gpuwarden.engine")
 
-MAX_TRIGGERS_PER_ROUND = 512
-MAX_DEAD_BACKLOG = 100_000  # dead letters waiting for GW_DLQ; past it, counted only
-MAX_BATCH = 500
+MAX_TRIGGERS_PER_ROUND: Final = 512
+MAX_DEAD_BACKLOG: Final = 100_000  # dead letters waiting for GW_DLQ; past it, counted only
+MAX_BATCH: Final = 500  # decisions in one atomic append
+MAX_SEND_BATCH: Final = 256  # commands the dispatcher sends at once, pipelined
+MAX_DEAD_LETTER_BATCH: Final = 256  # dead letters copied to GW_DLQ at once, concurrently
+MAX_HANDLER_ERROR_CHARS: Final = 900  # of the exception's text, before its frame
+PUMP_BUFFER: Final = 10_000  # records read from the subscription, not yet folded
+RESEND_PAUSE_S: Final = 0.2  # after a failed send or dead-letter copy, before the next
+STREAM_CHECK_EVERY_S: Final = 1.0  # the lag gauge and the stream check
+BACKOFF_MIN_S: Final = 0.05  # after a failed append: the first pause before the next round
+BACKOFF_MAX_S: Final = 2.0  # ... doubled on every failure up to this
+SKIPS_LOGGED: Final = 100  # the first dead letters each get a warning...
+SKIPS_LOGGED_EVERY: Final = 1000  # ...after them, one in this many
+
+# Why a message was not folded: the `reason` label of gpuwarden_dead_letters_total.
+DeadLetterKind = Literal["undecodable", "too_large", "refused", "handler_error"]
 
 
-class StreamCheck(Protocol):
-    async def __call__(self, folded: int) -> str | None:
-        """Why the log's stream is not the one folded up to `folded` (None: it is)."""
-
-
-class DeadLetters(Protocol):
-    async def dead_letter(self, record: StoredEvent, reason: str) -> None:
-        """Copy a message the engine cannot fold to the dead-letter subject."""
+def next_backoff(backoff_s: float) -> float:
+    """The pause after another failed append: doubled, within [BACKOFF_MIN_S, BACKOFF_MAX_S]."""
+    return min(max(backoff_s * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
 
 
 def handler_error(exc: BaseException) -> str:
@@ -85,7 +98,7 @@ def handler_error(exc: BaseException) -> str:
     if frames:
         last = frames[-1]
         where = f" at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
-    return f"handler error: {type(exc).__name__}: {exc}"[:900] + where
+    return f"handler error: {type(exc).__name__}: {exc}"[:MAX_HANDLER_ERROR_CHARS] + where
 
 
 class Engine:
@@ -168,16 +181,17 @@ class Engine:
             self.subject_seqs[aggregate_of_subject(record.subject)] = record.seq
         self.metrics.last_seq = record.seq
         event = record.event
-        problem = record.error
+        kind: DeadLetterKind = "undecodable"
+        problem = record.error or "undecodable"
         if event is not None and len(record.data) > self.max_event_bytes:
+            kind, event = "too_large", None
             problem = f"event of {len(record.data)} bytes exceeds {self.max_event_bytes}"
-            event = None
         if event is not None:
             refused = self.admission.admit(record.subject, event)
             if refused is not None:
-                problem, event = f"refused: {refused}", None
+                kind, problem, event = "refused", f"refused: {refused}", None
         if event is None:
-            await self._dead_letter(record, problem or "undecodable")
+            await self._dead_letter(record, kind, problem)
             return
         self.metrics.events_consumed += 1
         try:
@@ -210,20 +224,16 @@ class Engine:
         reason = handler_error(exc)
         log.error("seq %s on %s: %s", record.seq, record.subject, reason, exc_info=exc)
         if dead_letter:
-            await self._dead_letter(record, reason)
+            await self._dead_letter(record, "handler_error", reason)
         else:
             self.metrics.dead_letters["handler_error"] += 1
 
-    async def _dead_letter(self, record: StoredEvent, reason: str) -> None:
-        if reason.startswith("handler error"):
-            kind = "handler_error"
-        elif reason.startswith("refused"):
-            kind = "refused"
-        else:
-            kind = "too_large" if "exceeds" in reason else "undecodable"
+    async def _dead_letter(self, record: StoredEvent, kind: DeadLetterKind, reason: str) -> None:
         self.metrics.dead_letters[kind] += 1
         skipped = sum(self.metrics.dead_letters.values())
-        if kind != "handler_error" and (skipped <= 100 or skipped % 1000 == 0):
+        if kind != "handler_error" and (
+            skipped <= SKIPS_LOGGED or skipped % SKIPS_LOGGED_EVERY == 0
+        ):
             log.warning("seq %s on %s skipped (%d so far): %s", record.seq, record.subject,
                         skipped, reason)  # fmt: skip
         if self.dead_letters is None:
@@ -237,20 +247,20 @@ class Engine:
         self._dead_ready.set()
 
     async def _copy_dead_letters(self) -> None:
-        """Copy queued dead letters to GW_DLQ, up to 256 at a time, concurrently."""
+        """Copy queued dead letters to GW_DLQ, MAX_DEAD_LETTER_BATCH at a time, concurrently."""
         assert self.dead_letters is not None
         while True:
             while not self._dead_backlog:
                 await self._dead_ready.wait()
                 self._dead_ready = anyio.Event()
-            batch = self._dead_backlog[:256]
+            batch = self._dead_backlog[:MAX_DEAD_LETTER_BATCH]
             try:
                 async with anyio.create_task_group() as tg:
                     for record, reason in batch:
                         tg.start_soon(self.dead_letters.dead_letter, record, reason)
             except Exception as exc:  # msg ids de-duplicate a resend
                 log.error("copying %d dead letters failed, retrying: %s", len(batch), exc)
-                await anyio.sleep(0.2)
+                await anyio.sleep(RESEND_PAUSE_S)
                 continue
             del self._dead_backlog[: len(batch)]
             self._signal_progress()
@@ -260,23 +270,18 @@ class Engine:
 
         A batch that fails is sent again: msg ids make a resend harmless.
         """
-        send_many = getattr(self.bus, "send_many", None)
         while True:
             while not self.outbox:
                 await self._outbox_ready.wait()
                 self._outbox_ready = anyio.Event()
-            batch = self.outbox[:256]
+            batch = self.outbox[:MAX_SEND_BATCH]
             try:
                 if self.open_command is not None:
                     batch = [self._opened(command) for command in batch]
-                if send_many is not None:
-                    await send_many(batch)
-                else:
-                    for command in batch:
-                        await self.bus.send(command)
+                await self.bus.send_many(batch)
             except Exception as exc:
                 log.error("sending %d commands failed, retrying: %s", len(batch), exc)
-                await anyio.sleep(0.2)
+                await anyio.sleep(RESEND_PAUSE_S)
                 continue
             del self.outbox[: len(batch)]
             self.metrics.commands_sent += len(batch)
@@ -362,7 +367,7 @@ class Engine:
                 # The server is away or slow. Nothing half-stored: batches are atomic and
                 # ids derived, so deciding again later re-sends the same decision.
                 self.metrics.append_failures += 1
-                self.backoff_s = min(max(self.backoff_s * 2, 0.05), 2.0)
+                self.backoff_s = next_backoff(self.backoff_s)
                 log.warning(
                     "appending a decision failed (%s); retrying in %.2fs", exc, self.backoff_s
                 )
@@ -397,7 +402,7 @@ class Engine:
                 # The server is away (often why heartbeats stopped): try again later,
                 # never let a timer take the engine down.
                 self.metrics.append_failures += 1
-                self.backoff_s = min(max(self.backoff_s * 2, 0.05), 2.0)
+                self.backoff_s = next_backoff(self.backoff_s)
                 if isinstance(event, NodeLost | NodeRecovered):
                     self.liveness.pending.discard(event.node)  # check() may propose it again
                 log.warning("appending %s failed (%s); retrying", type_of(event), exc)
@@ -457,7 +462,7 @@ class Engine:
         await self._check_stream()
         await self.catch_up()
         await self.start_live()
-        send, receive = anyio.create_memory_object_stream[StoredEvent](10_000)
+        send, receive = anyio.create_memory_object_stream[StoredEvent](PUMP_BUFFER)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._pump, send, self.folded + 1)
             tg.start_soon(self._measure_lag)
@@ -469,7 +474,7 @@ class Engine:
             task_status.started()
             await self._loop(receive)
 
-    async def _measure_lag(self, every_s: float = 1.0) -> None:
+    async def _measure_lag(self, every_s: float = STREAM_CHECK_EVERY_S) -> None:
         """Keep the consumer-lag gauge current and check the stream (wall time: both are
         about the real server). A reconnect after the stream changed is seen here too."""
         while True:

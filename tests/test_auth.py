@@ -23,15 +23,12 @@ from typing import Any
 import anyio
 import pytest
 from gpuwarden.adapters import auth
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
 from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
+from gpuwarden.adapters.event_log import JetStreamEventLog, stored_event
 from gpuwarden.adapters.heartbeats import NatsHeartbeats
-from gpuwarden.adapters.jetstream import (
-    JetStreamCommandBus,
-    JetStreamEventLog,
-    connect,
-    stored_event,
-)
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core import wire
 from gpuwarden.engine.core.commands import RunCommand, encode_command
@@ -596,17 +593,16 @@ async def test_up_insecure_warns_and_lets_anyone_in(tmp_path: Path) -> None:
 
 
 def test_engine_credentials_alone_cannot_serve_the_api(tmp_path: Path) -> None:
-    import argparse
+    from dataclasses import replace
 
+    from gpuwarden.engine.cli.config import ConnectionConfig, EngineConfig
     from gpuwarden.engine.cli.serve import _check_api_creds
 
     auth.generate(tmp_path)
-    args = argparse.Namespace(
-        creds=str(tmp_path / "engine.creds"), nats="nats://x", no_api=False, api_creds=None
+    config = EngineConfig(
+        connection=ConnectionConfig(creds=str(tmp_path / "engine.creds"), nats="nats://x")
     )
     with pytest.raises(auth.AuthError, match="--api-creds FILE"):
-        _check_api_creds(args)
-    args.api_creds = str(tmp_path / "api.creds")
-    _check_api_creds(args)
-    args.api_creds, args.no_api = None, True
-    _check_api_creds(args)
+        _check_api_creds(config)
+    _check_api_creds(replace(config, api_creds=str(tmp_path / "api.creds")))
+    _check_api_creds(replace(config, serve_api=False))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import anyio
 from gpuwarden.adapters.embedded_nats import STATE_FILE, _answers
-from gpuwarden.adapters.jetstream import JetStreamEventLog, connect
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.ids import new_id
 

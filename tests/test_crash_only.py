@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.engine.core import decide as supervisor
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core import fold

@@ -13,9 +13,10 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.adapters.heartbeats import Heartbeat, NatsHeartbeats, heartbeat_subject
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.engine.clock import VirtualClock
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core.commands import Command, StopCommand

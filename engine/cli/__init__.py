@@ -4,7 +4,9 @@ This package is the outermost shell: the only code that turns options into runni
 services. Each subcommand module's `register(subparsers)` adds its commands and sets
 `handler` (an async function of the parsed arguments returning an exit status); they
 import `common` and never this module, so registration has no import cycle. Adapters
-are imported inside the handlers, so `gpuwarden --help` stays fast.
+are imported inside the handlers, so `gpuwarden --help` stays fast. The processes
+(`engine`, `up`, `agent`) turn the parsed arguments into the frozen settings of
+`config` first: their services never see argparse.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 from gpuwarden.engine.cli import agent, api, auth, gpu, query, replay, scenario, serve
 from gpuwarden.engine.cli.common import EXIT_ERROR, Handler
 from gpuwarden.engine.core.errors import GpuwardenError
@@ -75,8 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
-    import anyio
-
     try:
         status: int = anyio.run(handler, args)
         return status

@@ -15,28 +15,30 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
-from gpuwarden.engine.core.errors import GpuwardenError, PolicyError
-from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy, parse_policy
+from gpuwarden.engine.cli.agent import serve_docker, serve_sim
+from gpuwarden.engine.cli.common import connect_with, nats_url
+from gpuwarden.engine.cli.config import (
+    DEFAULT_METRICS_HOST,
+    DEFAULT_UP_GPUS,
+    AgentRuntime,
+    EngineConfig,
+    UpConfig,
+)
+from gpuwarden.engine.clock import SystemClock
+from gpuwarden.engine.core.errors import GpuwardenError
+from gpuwarden.engine.core.liveness import Liveness
+from gpuwarden.engine.metrics import EngineMetrics, serve_metrics
+from gpuwarden.engine.runtime import Engine
 
 log = logging.getLogger("gpuwarden.service")
 
-
-def load_policy_file(path: str | Path | None) -> Policy:
-    """A policy from a TOML file, or the defaults; errors name the file and the key."""
-    if path is None:
-        return DEFAULT_POLICY
-    file = Path(path)
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise PolicyError(f"{file}: cannot read policy file: {exc.strerror}") from None
-    return parse_policy(text, str(file))
+DOCKER_PING_TIMEOUT_S = 2.0  # `up --runtime auto`: how long Docker has to answer
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +47,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on PORT"
     )
     parser.add_argument(
-        "--metrics-host", default="127.0.0.1", metavar="HOST", help="metrics bind address"
+        "--metrics-host", default=DEFAULT_METRICS_HOST, metavar="HOST", help="metrics bind address"
     )
     parser.add_argument(
         "--replicas", type=int, default=1, help="stream replicas (3 on a JetStream cluster)"
@@ -85,41 +87,34 @@ def register(subparsers: Any) -> None:
 
 
 async def run_engine_command(args: argparse.Namespace) -> int:
-    from gpuwarden.engine.cli.common import nats_url
-
-    _configure_logging(args.verbose)
-    policy = load_policy_file(args.policy)
-    _local_engine_creds(args)
-    async with nats_url(args) as url:
-        return await _until_signal(lambda ready: serve_engine(args, url, policy, ready))
+    config = _local_engine_creds(EngineConfig.from_args(args))
+    _configure_logging(config.verbose)
+    async with nats_url(config.connection) as url:
+        return await _until_signal(lambda ready: serve_engine(config, url, ready))
 
 
-def _local_engine_creds(args: argparse.Namespace) -> None:
+def _local_engine_creds(config: EngineConfig) -> EngineConfig:
     """In a data directory where `up` made credentials (no --nats, no --creds), the
     engine and its API act as the principals `up` gives them."""
     from gpuwarden.adapters.auth import ENV_KEY, ROLE_API, ROLE_ENGINE, local_auth_dir, local_creds
 
-    if args.nats or args.creds:
-        return
-    engine = local_creds(args.data_dir, ROLE_ENGINE)
+    conn = config.connection
+    if conn.nats or conn.creds:
+        return config
+    engine = local_creds(conn.data_dir, ROLE_ENGINE)
     if engine is None:
-        return
-    args.creds = str(engine)
-    key = local_auth_dir(args.data_dir) / ENV_KEY
-    if getattr(args, "env_key", None) is None and key.exists():
-        args.env_key = str(key)
-    api = local_creds(args.data_dir, ROLE_API)
-    if getattr(args, "api_creds", None) is None and api is not None:
-        args.api_creds = str(api)
+        return config
+    key = local_auth_dir(conn.data_dir) / ENV_KEY
+    api = local_creds(conn.data_dir, ROLE_API)
+    return replace(
+        config,
+        connection=replace(conn, creds=str(engine)),
+        env_key=config.env_key if config.env_key is not None or not key.exists() else key,
+        api_creds=config.api_creds if config.api_creds is not None or api is None else str(api),
+    )
 
 
-def _with_creds(args: argparse.Namespace, creds: str | None, url: str) -> argparse.Namespace:
-    """A copy of args that connects to `url` as the principal in `creds` (and, with no
-    creds, as nobody: --nats is set, so no data directory's credentials are picked)."""
-    return argparse.Namespace(**{**vars(args), "creds": creds, "nats": url})
-
-
-def _check_api_creds(args: argparse.Namespace) -> None:
+def _check_api_creds(config: EngineConfig) -> None:
     """Refuse at once to serve the API over credentials that may not (the engine's)."""
     from gpuwarden.adapters.auth import (
         ROLE_ADMIN,
@@ -130,9 +125,9 @@ def _check_api_creds(args: argparse.Namespace) -> None:
         resolve_creds,
     )
 
-    if getattr(args, "no_api", False) or getattr(args, "api_creds", None):
+    if not config.serve_api or config.api_creds:
         return
-    path = resolve_creds(args)
+    path = resolve_creds(config.connection)
     if path is None:
         return
     role = load_credentials(path).role
@@ -144,34 +139,27 @@ def _check_api_creds(args: argparse.Namespace) -> None:
 
 
 async def serve_engine(
-    args: argparse.Namespace,
+    config: EngineConfig,
     url: str,
-    policy: Policy,
     ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run the engine and its companions until cancelled."""
+    from gpuwarden.adapters.command_bus import JetStreamCommandBus
     from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
     from gpuwarden.adapters.env_seal import EnvKey, command_opener
+    from gpuwarden.adapters.event_log import JetStreamEventLog
     from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
-    from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
     from gpuwarden.adapters.stream_guard import EngineStreamCheck
-    from gpuwarden.engine.cli.common import connect_with
-    from gpuwarden.engine.clock import SystemClock
-    from gpuwarden.engine.core.liveness import Liveness
-    from gpuwarden.engine.metrics import EngineMetrics, serve_metrics
-    from gpuwarden.engine.runtime import Engine
 
-    _check_api_creds(args)
-    key_file = getattr(args, "env_key", None)
-    env_key = EnvKey.load(Path(key_file)) if key_file else None
-    nc = await connect_with(args, url, "gpuwarden-engine")
+    _check_api_creds(config)
+    policy = config.policy
+    env_key = EnvKey.load(config.env_key) if config.env_key else None
+    nc = await connect_with(config.connection, url, "gpuwarden-engine")
     api_nc = None
     try:
         # Its appends' msg ids keyed by a secret of this process: nobody can foresee and
         # squat the msg id of a decision (see JetStreamEventLog).
-        event_log = JetStreamEventLog(
-            nc, replicas=getattr(args, "replicas", 1), msg_id_key=os.urandom(16)
-        )
+        event_log = JetStreamEventLog(nc, replicas=config.replicas, msg_id_key=os.urandom(16))
         await event_log.ensure_streams()
         bus = JetStreamCommandBus(nc)
         clock = SystemClock()
@@ -182,26 +170,26 @@ async def serve_engine(
             bus,
             clock,
             policy,
-            dead_letters=JetStreamDeadLetters(nc, replicas=getattr(args, "replicas", 1)),
+            dead_letters=JetStreamDeadLetters(nc, replicas=config.replicas),
             metrics=metrics,
             liveness=liveness,
             open_command=command_opener(env_key),
             stream_check=EngineStreamCheck(event_log),
         )
         api = None
-        if not getattr(args, "no_api", False):
+        if config.serve_api:
             from gpuwarden.adapters.api_service import ApiService
             from gpuwarden.adapters.auth import msg_id_key, resolve_creds
 
             api_conn, api_log = nc, event_log
-            api_creds = getattr(args, "api_creds", None)
+            api_creds = config.api_creds
             if api_creds:  # its own principal: it may write only what a user asks
-                api_nc = await connect_with(_with_creds(args, api_creds, url), url, "gpuwarden-api")
+                api_nc = await connect_with(
+                    config.connection.at(url, api_creds), url, "gpuwarden-api"
+                )
                 api_conn = api_nc
                 api_log = JetStreamEventLog(
-                    api_nc,
-                    replicas=getattr(args, "replicas", 1),
-                    msg_id_key=msg_id_key(api_creds),
+                    api_nc, replicas=config.replicas, msg_id_key=msg_id_key(api_creds)
                 )
             # The API folds the engine's own read of the log: one subscription, not two.
             api = ApiService(
@@ -211,7 +199,7 @@ async def serve_engine(
                 shared=True,
                 # No credentials: nobody is authenticated, so the owner a request names
                 # is as good as any (the insecure mode).
-                trust_owner_field=(api_creds or resolve_creds(args)) is None,
+                trust_owner_field=(api_creds or resolve_creds(config.connection)) is None,
                 env_key=env_key,  # seals task env at create; opens it for owners' reads
             )
             engine.taps.append(api.follow)
@@ -221,10 +209,12 @@ async def serve_engine(
             if api is not None:
                 api.ready.set()  # the engine has caught up, and the API with it
                 await tg.start(api.serve)  # listening before anyone is told the URL
-            if getattr(args, "metrics_port", None) is not None:
-                port = await tg.start(serve_metrics, metrics, args.metrics_port, args.metrics_host)
+            if config.metrics_port is not None:
+                port = await tg.start(
+                    serve_metrics, metrics, config.metrics_port, config.metrics_host
+                )
                 print(
-                    f"gpuwarden: metrics on http://{args.metrics_host}:{port}/metrics",
+                    f"gpuwarden: metrics on http://{config.metrics_host}:{port}/metrics",
                     file=sys.stderr,
                 )
             print(
@@ -299,7 +289,7 @@ def _register_up(subparsers: Any) -> None:
     parser.add_argument(
         "--gpus",
         type=int,
-        default=2,
+        default=DEFAULT_UP_GPUS,
         metavar="N",
         help="GPUs to declare when NVML finds none (default 2; ignored where NVML works)",
     )
@@ -317,7 +307,7 @@ def _register_up(subparsers: Any) -> None:
     parser.set_defaults(handler=run_up_command)
 
 
-def docker_reachable(timeout_s: float = 2.0) -> str | None:
+def docker_reachable(timeout_s: float = DOCKER_PING_TIMEOUT_S) -> str | None:
     """None when a Docker engine answers a ping, else why not (said to the user)."""
     try:
         import docker
@@ -333,11 +323,9 @@ def docker_reachable(timeout_s: float = 2.0) -> str | None:
 
 
 async def run_up_command(args: argparse.Namespace) -> int:
-    from gpuwarden.engine.cli.common import nats_url
-
-    _configure_logging(args.verbose)
-    policy = load_policy_file(args.policy)
-    runtime = args.runtime
+    config = UpConfig.from_args(args)
+    _configure_logging(config.engine.verbose)
+    runtime = config.runtime
     if runtime == "auto":
         why_not = await anyio.to_thread.run_sync(docker_reachable)
         runtime = "docker" if why_not is None else "sim"
@@ -347,20 +335,23 @@ async def run_up_command(args: argparse.Namespace) -> int:
                 f"running a simulated node instead (--runtime sim)",
                 file=sys.stderr,
             )
-    parts = await _up_credentials(args)
-    async with nats_url(args) as url:
-        engine_args = _with_creds(args, parts.engine, url)
-        engine_args.api_creds = parts.api
-        engine_args.env_key = parts.env_key
+    parts = await _up_credentials(config)
+    async with nats_url(config.engine.connection) as url:
+        engine = replace(
+            config.engine,
+            connection=config.engine.connection.at(url, parts.engine),
+            api_creds=parts.api,
+            env_key=Path(parts.env_key) if parts.env_key else None,
+        )
 
         async def everything(ready: Callable[[str], None]) -> None:
             async with anyio.create_task_group() as tg:
                 engine_up = anyio.Event()
-                tg.start_soon(serve_engine, engine_args, url, policy, lambda _: engine_up.set())
+                tg.start_soon(serve_engine, engine, url, lambda _: engine_up.set())
                 await engine_up.wait()
                 print(url, flush=True)  # streams exist and the engine listens from here on
                 if runtime != "none":
-                    tg.start_soon(_serve_local_agent, args, url, runtime, parts.node)
+                    tg.start_soon(_serve_local_agent, config, url, runtime, parts.node)
 
         return await _until_signal(everything)
 
@@ -375,7 +366,7 @@ class _UpCredentials:
     env_key: str | None = None
 
 
-async def _up_credentials(args: argparse.Namespace) -> _UpCredentials:
+async def _up_credentials(config: UpConfig) -> _UpCredentials:
     """Secure by default: the embedded server runs with the data directory's
     authorization, made or refreshed here, and every part gets its own principal.
     With --nats the operator deployed the server's configuration: every part uses
@@ -389,15 +380,16 @@ async def _up_credentials(args: argparse.Namespace) -> _UpCredentials:
         prepare_local,
     )
 
-    if args.nats:
-        if args.insecure:
+    conn = config.engine.connection
+    if conn.nats:
+        if conn.insecure:
             print(
                 "gpuwarden: --insecure has no effect with --nats: the server's own "
                 "configuration decides",
                 file=sys.stderr,
             )
-        return _UpCredentials(args.creds, None, args.creds)
-    if args.insecure:
+        return _UpCredentials(conn.creds, None, conn.creds)
+    if conn.insecure:
         print(
             "gpuwarden: WARNING: --insecure: the embedded NATS server runs WITHOUT "
             "authorization; any local process that reaches its port can write the log, "
@@ -405,9 +397,9 @@ async def _up_credentials(args: argparse.Namespace) -> _UpCredentials:
             file=sys.stderr,
             flush=True,
         )
-        return _UpCredentials(args.creds, None, args.creds)
-    await anyio.to_thread.run_sync(prepare_local, args.data_dir, args.node)
-    auth_dir = local_auth_dir(args.data_dir)
+        return _UpCredentials(conn.creds, None, conn.creds)
+    await anyio.to_thread.run_sync(prepare_local, conn.data_dir, config.node)
+    auth_dir = local_auth_dir(conn.data_dir)
     print(
         f"gpuwarden: authorization on; credentials in {auth_dir}/ (commands run in this "
         "data directory act as operator; admin.creds may change streams)",
@@ -421,23 +413,16 @@ async def _up_credentials(args: argparse.Namespace) -> _UpCredentials:
     return _UpCredentials(
         path(ROLE_ENGINE),
         path(ROLE_API),
-        path(node_principal(args.node).name),
+        path(node_principal(config.node).name),
         str(auth_dir / ENV_KEY),
     )
 
 
 async def _serve_local_agent(
-    args: argparse.Namespace, url: str, runtime: str, creds: str | None
+    config: UpConfig, url: str, runtime: AgentRuntime, creds: str | None
 ) -> None:
-    from gpuwarden.engine.cli import agent as agent_cli
-
-    agent_args = argparse.Namespace(**vars(args))
-    agent_args.nats = url
-    agent_args.creds = creds
-    agent_args.runtime = runtime
-    agent_args.heartbeat_s = getattr(args, "heartbeat_s", 1.0)
-    agent_args.stop_timeout_s = getattr(args, "stop_timeout_s", 10.0)
+    agent = config.agent(runtime, config.engine.connection.at(url, creds))
     if runtime == "docker":
-        await agent_cli.serve_docker(agent_args)
+        await serve_docker(agent)
     else:
-        await agent_cli.serve_sim(agent_args)
+        await serve_sim(agent)
