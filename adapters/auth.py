@@ -39,6 +39,9 @@ the engine and the API do, and grant nobody else consumer info or lists on GW_EV
 (they would show the deliver subjects of others' consumers). On GW_CMDS the create
 subject does pin name and filter (the server refuses a body that disagrees with it, or
 that has several filters).
+
+Size: one module, past 600 lines, on purpose: the permission table, the server
+configuration it renders and the credentials it issues must change together.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
-from gpuwarden.engine.core.events import GpuFault, GpuInfo
+from gpuwarden.engine.core.events import GpuFault, GpuFaultKind, GpuInfo
 from gpuwarden.engine.ids import new_id
 from gpuwarden.engine.ports import GpuProbeError
 
@@ -107,7 +107,14 @@ def gpu_info_from_reading(reading: DeviceReading) -> GpuInfo:
 
 
 def _fault(
-    uuid: str, node: str, kind: str, event_id: str, at: datetime, *, xid: int | None, detail: str
+    uuid: str,
+    node: str,
+    kind: GpuFaultKind,
+    event_id: str,
+    at: datetime,
+    *,
+    xid: int | None,
+    detail: str,
 ) -> GpuFault:
     return GpuFault(
         id=event_id,
@@ -135,7 +142,7 @@ def xid_event_to_fault(
         detail = "unknown Xid (NVML eventData 999)" if xid == XID_UNKNOWN else f"Xid {xid}"
         if reading.gpu_instance_id != 0xFFFFFFFF:
             detail += f" (MIG GPU instance {reading.gpu_instance_id})"
-        kind = "fallen_off_bus" if xid == XID_FALLEN_OFF_BUS else "xid"
+        kind: GpuFaultKind = "fallen_off_bus" if xid == XID_FALLEN_OFF_BUS else "xid"
         return _fault(reading.uuid, node, kind, event_id, at, xid=xid, detail=detail)
     if reading.event_type & EVENT_TYPE_DOUBLE_BIT_ECC:
         detail = "double-bit ECC error event"

@@ -4,7 +4,9 @@ Pure functions over catalog events, independent of the engine that wrote them: t
 verdict on a drill must come from the log alone, the same log `--export` writes and an
 auditor replays, never from the engine's private state.
 
-Task state, as folded from the log in order (SCENARIOS.md `state`):
+Task state, in the vocabulary the supervisor and the read model share
+(`events.TaskStatus`), as folded from the log in order (SCENARIOS.md `state`; a drill
+never sees `scheduled`, which only the read model tells apart from `running`):
 
 - `pending` from `task.submitted` until its first `task.scheduled`, and again whenever
   `task.pending` is the latest lifecycle event (a rebuilt attempt that cannot be placed);
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from gpuwarden.adapters.scenario_file import (
@@ -34,7 +36,7 @@ from gpuwarden.adapters.scenario_file import (
 )
 from gpuwarden.engine.core import events as ev
 
-TERMINAL_STATES = ("completed", "failed", "cancelled")
+TERMINAL_STATES: Final = ev.TERMINAL_STATUSES
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,10 +47,10 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
 
 class TaskObservation(msgspec.Struct, frozen=True, kw_only=True):
     task_id: str
-    state: str
+    state: ev.TaskStatus
     attempts: int
-    faults: tuple[str, ...]
-    reason: str | None
+    faults: tuple[ev.Fault, ...]
+    reason: ev.FailureReason | None
     rebuilds: int
     counted_rebuilds: int
     placements: tuple[Placement, ...]  # one per placed attempt, by attempt number
@@ -100,14 +102,14 @@ class ExpectationResult(msgspec.Struct, frozen=True, kw_only=True):
 @dataclass
 class _Task:
     task_id: str
-    state: str = "pending"
-    faults: list[str] = field(default_factory=list)
-    reason: str | None = None
+    state: ev.TaskStatus = "pending"
+    faults: list[ev.Fault] = field(default_factory=list)
+    reason: ev.FailureReason | None = None
     rebuilds: int = 0
     counted_rebuilds: int = 0
     placements: dict[int, Placement] = field(default_factory=dict)
 
-    def move(self, state: str) -> None:
+    def move(self, state: ev.TaskStatus) -> None:
         if self.state not in TERMINAL_STATES:
             self.state = state
 
@@ -147,57 +149,102 @@ class _Fold:
         return gpu
 
     def apply(self, event: ev.Event) -> None:
-        match event:
-            case ev.NodeRegistered():
-                self.nodes.setdefault(event.node, False)
-                for info in event.gpus:
-                    self.gpu(info.uuid, event.node)
-            case ev.NodeLost() | ev.NodeRecovered():
-                self.nodes[event.node] = isinstance(event, ev.NodeLost)
-            case ev.GpuFault():
-                self.gpu(event.gpu_uuid, event.node)
-            case ev.GpuQuarantined() | ev.GpuRestored():
-                gpu = self.gpu(event.gpu_uuid, event.node)
-                gpu.quarantined = isinstance(event, ev.GpuQuarantined)
-            case ev.GpuAllocated():
-                self.gpu(event.gpu_uuid, event.node).task_id = event.task_id
-            case ev.GpuReleased():
-                gpu = self.gpu(event.gpu_uuid, event.node)
-                if gpu.task_id == event.task_id:
-                    gpu.task_id = None
-            case _:
-                self.apply_task(event)
+        handler = _APPLY.get(type(event))
+        if handler is not None:
+            handler(self, event)
 
-    def apply_task(self, event: ev.Event) -> None:
-        match event:
-            case ev.TaskSubmitted():
-                self.task(event.task_id)
-            case ev.TaskPending():
-                self.task(event.task_id).move("pending")
-            case ev.TaskScheduled():
-                task = self.task(event.task_id)
-                task.move("running")
-                task.placements[event.attempt] = Placement(
-                    attempt=event.attempt, node=event.node, gpu_uuids=event.gpu_uuids
-                )
-            case ev.FaultClassified():
-                if event.fault != "completed":
-                    self.task(event.task_id).faults.append(event.fault)
-            case ev.RebuildDecided():
-                task = self.task(event.task_id)
-                task.rebuilds += 1
-                task.counted_rebuilds += int(event.counted)
-            case ev.TaskCompleted():
-                self.task(event.task_id).move("completed")
-            case ev.TaskFailed():
-                task = self.task(event.task_id)
-                if task.state not in TERMINAL_STATES:
-                    task.reason = event.reason
-                task.move("failed")
-            case ev.TaskCancelled():
-                self.task(event.task_id).move("cancelled")
-            case _:
-                pass  # container.* events are evidence, not state
+    # -- nodes and GPUs --
+
+    def node_registered(self, event: ev.NodeRegistered) -> None:
+        self.nodes.setdefault(event.node, False)
+        for info in event.gpus:
+            self.gpu(info.uuid, event.node)
+
+    def node_lost(self, event: ev.NodeLost) -> None:
+        self.nodes[event.node] = True
+
+    def node_recovered(self, event: ev.NodeRecovered) -> None:
+        self.nodes[event.node] = False
+
+    def gpu_fault(self, event: ev.GpuFault) -> None:
+        self.gpu(event.gpu_uuid, event.node)
+
+    def gpu_quarantined(self, event: ev.GpuQuarantined) -> None:
+        self.gpu(event.gpu_uuid, event.node).quarantined = True
+
+    def gpu_restored(self, event: ev.GpuRestored) -> None:
+        self.gpu(event.gpu_uuid, event.node).quarantined = False
+
+    def gpu_allocated(self, event: ev.GpuAllocated) -> None:
+        self.gpu(event.gpu_uuid, event.node).task_id = event.task_id
+
+    def gpu_released(self, event: ev.GpuReleased) -> None:
+        gpu = self.gpu(event.gpu_uuid, event.node)
+        if gpu.task_id == event.task_id:
+            gpu.task_id = None
+
+    # -- tasks --
+
+    def task_submitted(self, event: ev.TaskSubmitted) -> None:
+        self.task(event.task_id)
+
+    def task_pending(self, event: ev.TaskPending) -> None:
+        self.task(event.task_id).move("pending")
+
+    def task_scheduled(self, event: ev.TaskScheduled) -> None:
+        task = self.task(event.task_id)
+        task.move("running")
+        task.placements[event.attempt] = Placement(
+            attempt=event.attempt, node=event.node, gpu_uuids=event.gpu_uuids
+        )
+
+    def fault_classified(self, event: ev.FaultClassified) -> None:
+        if event.fault != "completed":
+            self.task(event.task_id).faults.append(event.fault)
+
+    def rebuild_decided(self, event: ev.RebuildDecided) -> None:
+        task = self.task(event.task_id)
+        task.rebuilds += 1
+        task.counted_rebuilds += int(event.counted)
+
+    def task_completed(self, event: ev.TaskCompleted) -> None:
+        self.task(event.task_id).move("completed")
+
+    def task_failed(self, event: ev.TaskFailed) -> None:
+        task = self.task(event.task_id)
+        if task.state not in TERMINAL_STATES:
+            task.reason = event.reason
+        task.move("failed")
+
+    def task_cancelled(self, event: ev.TaskCancelled) -> None:
+        self.task(event.task_id).move("cancelled")
+
+
+_APPLY: Final = dict(
+    [
+        ev.on(ev.NodeRegistered, _Fold.node_registered),
+        ev.on(ev.NodeLost, _Fold.node_lost),
+        ev.on(ev.NodeRecovered, _Fold.node_recovered),
+        ev.on(ev.GpuFault, _Fold.gpu_fault),
+        ev.on(ev.GpuQuarantined, _Fold.gpu_quarantined),
+        ev.on(ev.GpuRestored, _Fold.gpu_restored),
+        ev.on(ev.GpuAllocated, _Fold.gpu_allocated),
+        ev.on(ev.GpuReleased, _Fold.gpu_released),
+        ev.on(ev.TaskSubmitted, _Fold.task_submitted),
+        ev.on(ev.TaskPending, _Fold.task_pending),
+        ev.on(ev.TaskScheduled, _Fold.task_scheduled),
+        ev.on(ev.FaultClassified, _Fold.fault_classified),
+        ev.on(ev.RebuildDecided, _Fold.rebuild_decided),
+        ev.on(ev.TaskCompleted, _Fold.task_completed),
+        ev.on(ev.TaskFailed, _Fold.task_failed),
+        ev.on(ev.TaskCancelled, _Fold.task_cancelled),
+    ]
+)
+# container.* events are evidence, not state: what they mean reaches the log as the
+# engine's decisions (fault.classified and what follows it).
+IGNORED: Final[frozenset[type[ev.Event]]] = frozenset(
+    {ev.ContainerStarted, ev.ContainerStartFailed, ev.ContainerExited}
+)
 
 
 def observe(events: Iterable[ev.Event]) -> Observed:

@@ -75,7 +75,7 @@ class Explanation(msgspec.Struct, kw_only=True):
     name: str = ""
     owner: str = ""
     image: str = ""
-    state: str = "pending"
+    state: ev.TaskStatus = "pending"
     submitted_at: str | None = None
     pending: list[Link] = msgspec.field(default_factory=list)
     attempts: list[AttemptStory] = msgspec.field(default_factory=list)
@@ -90,7 +90,7 @@ def _time(value: datetime | None) -> str | None:
     return format_time(value)
 
 
-def summary(e: Any) -> str:
+def summary(e: ev.Event) -> str:
     """One line naming what an event says (the evidence as a reader needs it)."""
     match e:
         case ev.ContainerExited():
@@ -158,7 +158,7 @@ class _Builder:
             self.stories[number] = AttemptStory(attempt=number, end="not_started")
         return self.stories[number]
 
-    def chain(self, e: Any) -> list[Link]:
+    def chain(self, e: ev.Event) -> list[Link]:
         links: list[Link] = []
         cause = e.causation_id
         while cause and len(links) < _MAX_CHAIN:
@@ -170,49 +170,45 @@ class _Builder:
         return links
 
     def feed(self, stored: StoredEvent) -> None:
-        e: Any = stored.event
+        e = stored.event
         if e is None:
             self.x.invalid.append(link(stored))
             return
-        at = _time(e.at)
-        match e:
-            case ev.TaskSubmitted():
-                self.x.name, self.x.owner, self.x.image = e.name, e.owner, e.image
-                self.x.submitted_at = at
-            case ev.TaskPending():
-                self.x.pending.append(link(stored))
-                self.x.state = "pending"
-            case ev.TaskScheduled():
-                self.current = e.attempt
-                story = self.stories.setdefault(e.attempt, AttemptStory(attempt=e.attempt))
-                story.node, story.gpus, story.scheduled_at = e.node, tuple(e.gpu_uuids), at
-                story.end = "running"
-                self.x.state = "scheduled"
-            case ev.ContainerStarted():
-                self._started(e, at)
-            case ev.ContainerStartFailed():
-                self._start_failed(e, at)
-            case ev.ContainerExited():
-                self._exited(e, at)
-            case ev.FaultClassified():
-                self._classified(e)
-            case ev.RebuildDecided() | ev.TaskCompleted() | ev.TaskFailed() | ev.TaskCancelled():
-                self._decided(stored, e, at)
+        handler = _FEED.get(type(e))
+        if handler is not None:
+            handler(self, e, stored, _time(e.at))
 
-    def _started(self, e: ev.ContainerStarted, at: str | None) -> None:
+    def _submitted(self, e: ev.TaskSubmitted, stored: StoredEvent, at: str | None) -> None:
+        self.x.name, self.x.owner, self.x.image = e.name, e.owner, e.image
+        self.x.submitted_at = at
+
+    def _pending(self, e: ev.TaskPending, stored: StoredEvent, at: str | None) -> None:
+        self.x.pending.append(link(stored))
+        self.x.state = "pending"
+
+    def _scheduled(self, e: ev.TaskScheduled, stored: StoredEvent, at: str | None) -> None:
+        self.current = e.attempt
+        story = self.stories.setdefault(e.attempt, AttemptStory(attempt=e.attempt))
+        story.node, story.gpus, story.scheduled_at = e.node, tuple(e.gpu_uuids), at
+        story.end = "running"
+        self.x.state = "scheduled"
+
+    def _started(self, e: ev.ContainerStarted, stored: StoredEvent, at: str | None) -> None:
         story = self.story(e.attempt)
         assert story is not None
         story.node = story.node or e.node
         story.started_at, story.container_id, story.end = at, e.container_id, "running"
         self.x.state = "running"
 
-    def _start_failed(self, e: ev.ContainerStartFailed, at: str | None) -> None:
+    def _start_failed(
+        self, e: ev.ContainerStartFailed, stored: StoredEvent, at: str | None
+    ) -> None:
         story = self.story(e.attempt)
         assert story is not None
         story.node = story.node or e.node
         story.end, story.ended_at, story.error = "start_failed", at, e.error
 
-    def _exited(self, e: ev.ContainerExited, at: str | None) -> None:
+    def _exited(self, e: ev.ContainerExited, stored: StoredEvent, at: str | None) -> None:
         story = self.story(e.attempt)
         assert story is not None
         story.node = story.node or e.node
@@ -223,7 +219,7 @@ class _Builder:
         story.error = e.error or None
         story.stopped_after_conclusion = story.fault is not None
 
-    def _classified(self, e: ev.FaultClassified) -> None:
+    def _classified(self, e: ev.FaultClassified, stored: StoredEvent, at: str | None) -> None:
         story = self.story(e.attempt)
         assert story is not None
         story.fault, story.rule = e.fault, e.rule
@@ -237,26 +233,37 @@ class _Builder:
             if isinstance(found.event, ev.NodeLost) and story.end == "running":
                 story.end, story.ended_at = "node_lost", _time(found.event.at)
 
-    def _decided(self, stored: StoredEvent, e: Any, at: str | None) -> None:
-        decision = Decision(kind="", at=at, seq=stored.seq, because=self.chain(e))
-        attempt: int | None
-        match e:
-            case ev.RebuildDecided():
-                decision.kind, decision.fault, decision.rule = "rebuild", e.fault, e.rule
-                decision.counted, decision.not_before = e.counted, _time(e.not_before)
-                decision.exclude_gpus, decision.exclude_nodes = e.exclude_gpus, e.exclude_nodes
-                decision.next_attempt, attempt = e.attempt, e.previous_attempt
-                self.current = e.attempt
-                self.x.state = "pending"
-            case ev.TaskCompleted():
-                decision.kind, attempt, self.x.state = "complete", e.attempt, "completed"
-            case ev.TaskFailed():
-                decision.kind, decision.fault, decision.reason = "fail", e.fault, e.reason
-                decision.rule, decision.detail, attempt = e.rule, e.detail, e.attempt
-                self.x.state = "failed"
-            case _:
-                decision.kind, decision.reason, attempt = "cancel", e.reason, e.attempt
-                self.x.state = "cancelled"
+    def _decision(self, kind: str, e: ev.Event, stored: StoredEvent, at: str | None) -> Decision:
+        return Decision(kind=kind, at=at, seq=stored.seq, because=self.chain(e))
+
+    def _rebuild(self, e: ev.RebuildDecided, stored: StoredEvent, at: str | None) -> None:
+        decision = self._decision("rebuild", e, stored, at)
+        decision.fault, decision.rule = e.fault, e.rule
+        decision.counted, decision.not_before = e.counted, _time(e.not_before)
+        decision.exclude_gpus, decision.exclude_nodes = e.exclude_gpus, e.exclude_nodes
+        decision.next_attempt = e.attempt
+        self.current = e.attempt
+        self.x.state = "pending"
+        self._decided(decision, e.previous_attempt)
+
+    def _completed(self, e: ev.TaskCompleted, stored: StoredEvent, at: str | None) -> None:
+        self.x.state = "completed"
+        self._decided(self._decision("complete", e, stored, at), e.attempt)
+
+    def _failed(self, e: ev.TaskFailed, stored: StoredEvent, at: str | None) -> None:
+        decision = self._decision("fail", e, stored, at)
+        decision.fault, decision.reason = e.fault, e.reason
+        decision.rule, decision.detail = e.rule, e.detail
+        self.x.state = "failed"
+        self._decided(decision, e.attempt)
+
+    def _cancelled(self, e: ev.TaskCancelled, stored: StoredEvent, at: str | None) -> None:
+        decision = self._decision("cancel", e, stored, at)
+        decision.reason = e.reason
+        self.x.state = "cancelled"
+        self._decided(decision, e.attempt)
+
+    def _decided(self, decision: Decision, attempt: int | None) -> None:
         if decision.kind != "rebuild":
             self.x.final = decision
         story = self.stories.get(attempt if attempt is not None else self.current or -1)
@@ -266,6 +273,38 @@ class _Builder:
     def result(self) -> Explanation:
         self.x.attempts = [self.stories[n] for n in sorted(self.stories)]
         return self.x
+
+
+_FEED: Final = dict(
+    [
+        ev.on(ev.TaskSubmitted, _Builder._submitted),
+        ev.on(ev.TaskPending, _Builder._pending),
+        ev.on(ev.TaskScheduled, _Builder._scheduled),
+        ev.on(ev.ContainerStarted, _Builder._started),
+        ev.on(ev.ContainerStartFailed, _Builder._start_failed),
+        ev.on(ev.ContainerExited, _Builder._exited),
+        ev.on(ev.FaultClassified, _Builder._classified),
+        ev.on(ev.RebuildDecided, _Builder._rebuild),
+        ev.on(ev.TaskCompleted, _Builder._completed),
+        ev.on(ev.TaskFailed, _Builder._failed),
+        ev.on(ev.TaskCancelled, _Builder._cancelled),
+    ]
+)
+# Not part of a task's own story: node and GPU events name no task (or, for an allocation
+# or a release, tell the GPU's side of a placement); they appear only as the evidence
+# and causes that the task's decisions cite.
+IGNORED: Final[frozenset[type[ev.Event]]] = frozenset(
+    {
+        ev.NodeRegistered,
+        ev.NodeLost,
+        ev.NodeRecovered,
+        ev.GpuFault,
+        ev.GpuQuarantined,
+        ev.GpuRestored,
+        ev.GpuAllocated,
+        ev.GpuReleased,
+    }
+)
 
 
 def _belongs(stored: StoredEvent, task_id: str) -> bool:

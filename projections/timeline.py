@@ -145,60 +145,157 @@ def _faults_for(
 def _gpu_rows(events: list[StoredEvent], uuid: str) -> tuple[list[Bar], list[Span], str]:
     if not any(getattr(s.event, "gpu_uuid", None) == uuid for s in events):
         raise TimelineError(f"no recorded event names GPU {uuid!r}")
-    last = _last_time(events)
-    outcomes = _attempt_outcomes(events)
-    open_bars: dict[tuple[str, int], Bar] = {}
-    bars: list[Bar] = []
-    faults: list[tuple[datetime, str]] = []
-    spans: list[Span] = []
-    quarantined: tuple[datetime, str] | None = None
+    rows = _GpuRows(_last_time(events), _attempt_outcomes(events))
     for stored in sorted(events, key=lambda s: s.seq):
-        e: Any = stored.event
-        if getattr(e, "gpu_uuid", None) != uuid:
+        e = stored.event
+        if e is None or getattr(e, "gpu_uuid", None) != uuid:
             continue
-        match e:
-            case ev.GpuAllocated():
-                key = (e.task_id, e.attempt)
-                outcome = outcomes.get(key, "running")
-                bar = Bar(label=f"{e.task_id} #{e.attempt}", start=e.at, end=last,
-                          outcome=outcome, tip=f"task {e.task_id} attempt {e.attempt} "
-                          f"on {e.node}: {outcome}")  # fmt: skip
-                open_bars[key] = bar
-                bars.append(bar)
-            case ev.GpuReleased():
-                released = open_bars.pop((e.task_id, e.attempt), None)
-                if released is not None:
-                    released.end = e.at
-            case ev.GpuFault():
-                faults.append((e.at, summary(e)))
-            case ev.GpuQuarantined():
-                quarantined = (e.at, e.reason)
-            case ev.GpuRestored() if quarantined is not None:
-                spans.append(Span(start=quarantined[0], end=e.at,
-                                  label=f"quarantined: {quarantined[1]}"))  # fmt: skip
-                quarantined = None
-    if quarantined is not None:
-        spans.append(Span(start=quarantined[0], end=last, label=f"quarantined: {quarantined[1]}"))
-    for bar in bars:
-        bar.faults = [f for f in faults if bar.start <= f[0] <= bar.end]
-    header = Bar(label="GPU faults", start=last, end=last, outcome="none", tip="", faults=faults)
-    return [header, *bars], spans, f"GPU {uuid}"
+        handler = _GPU_ROWS.get(type(e))
+        if handler is not None:
+            handler(rows, e)
+    return rows.result(uuid)
+
+
+class _GpuRows:
+    """One GPU's tenants (a bar per attempt it was allocated to), faults and quarantines."""
+
+    def __init__(self, last: datetime, outcomes: dict[tuple[str, int], str]) -> None:
+        self.last = last
+        self.outcomes = outcomes
+        self.open_bars: dict[tuple[str, int], Bar] = {}
+        self.bars: list[Bar] = []
+        self.faults: list[tuple[datetime, str]] = []
+        self.spans: list[Span] = []
+        self.quarantine: tuple[datetime, str] | None = None
+
+    def allocated(self, e: ev.GpuAllocated) -> None:
+        key = (e.task_id, e.attempt)
+        outcome = self.outcomes.get(key, "running")
+        bar = Bar(label=f"{e.task_id} #{e.attempt}", start=e.at, end=self.last,
+                  outcome=outcome, tip=f"task {e.task_id} attempt {e.attempt} "
+                  f"on {e.node}: {outcome}")  # fmt: skip
+        self.open_bars[key] = bar
+        self.bars.append(bar)
+
+    def released(self, e: ev.GpuReleased) -> None:
+        released = self.open_bars.pop((e.task_id, e.attempt), None)
+        if released is not None:
+            released.end = e.at
+
+    def fault(self, e: ev.GpuFault) -> None:
+        self.faults.append((e.at, summary(e)))
+
+    def quarantined(self, e: ev.GpuQuarantined) -> None:
+        self.quarantine = (e.at, e.reason)
+
+    def restored(self, e: ev.GpuRestored) -> None:
+        if self.quarantine is not None:
+            self.spans.append(Span(start=self.quarantine[0], end=e.at,
+                                   label=f"quarantined: {self.quarantine[1]}"))  # fmt: skip
+            self.quarantine = None
+
+    def result(self, uuid: str) -> tuple[list[Bar], list[Span], str]:
+        spans, faults, last = self.spans, self.faults, self.last
+        if self.quarantine is not None:
+            at, reason = self.quarantine
+            spans.append(Span(start=at, end=last, label=f"quarantined: {reason}"))
+        for bar in self.bars:
+            bar.faults = [f for f in faults if bar.start <= f[0] <= bar.end]
+        header = Bar(
+            label="GPU faults", start=last, end=last, outcome="none", tip="", faults=faults
+        )
+        return [header, *self.bars], spans, f"GPU {uuid}"
+
+
+_GPU_ROWS: Final = dict(
+    [
+        ev.on(ev.GpuAllocated, _GpuRows.allocated),
+        ev.on(ev.GpuReleased, _GpuRows.released),
+        ev.on(ev.GpuFault, _GpuRows.fault),
+        ev.on(ev.GpuQuarantined, _GpuRows.quarantined),
+        ev.on(ev.GpuRestored, _GpuRows.restored),
+    ]
+)
+# Not about one GPU (no `gpu_uuid`): a GPU's page shows its own events only; how each
+# tenant's attempt ended comes from `_attempt_outcomes`.
+_GPU_ROWS_IGNORES: Final[frozenset[type[ev.Event]]] = frozenset(
+    {
+        ev.NodeRegistered,
+        ev.NodeLost,
+        ev.NodeRecovered,
+        ev.TaskSubmitted,
+        ev.TaskPending,
+        ev.TaskScheduled,
+        ev.ContainerStarted,
+        ev.ContainerStartFailed,
+        ev.ContainerExited,
+        ev.FaultClassified,
+        ev.RebuildDecided,
+        ev.TaskCompleted,
+        ev.TaskFailed,
+        ev.TaskCancelled,
+    }
+)
 
 
 def _attempt_outcomes(events: list[StoredEvent]) -> dict[tuple[str, int], str]:
+    """How each attempt ended, by the decision that ended it."""
     outcomes: dict[tuple[str, int], str] = {}
     for stored in events:
-        e: Any = stored.event
-        match e:
-            case ev.RebuildDecided():
-                outcomes[(e.task_id, e.previous_attempt)] = "rebuilt"
-            case ev.TaskCompleted():
-                outcomes[(e.task_id, e.attempt)] = "completed"
-            case ev.TaskFailed() if e.attempt is not None:
-                outcomes[(e.task_id, e.attempt)] = "failed"
-            case ev.TaskCancelled() if e.attempt is not None:
-                outcomes.setdefault((e.task_id, e.attempt), "cancelled")
+        e = stored.event
+        handler = None if e is None else _OUTCOMES.get(type(e))
+        if handler is not None:
+            handler(outcomes, e)
     return outcomes
+
+
+def _rebuilt(outcomes: dict[tuple[str, int], str], e: ev.RebuildDecided) -> None:
+    outcomes[(e.task_id, e.previous_attempt)] = "rebuilt"
+
+
+def _completed(outcomes: dict[tuple[str, int], str], e: ev.TaskCompleted) -> None:
+    outcomes[(e.task_id, e.attempt)] = "completed"
+
+
+def _failed(outcomes: dict[tuple[str, int], str], e: ev.TaskFailed) -> None:
+    if e.attempt is not None:
+        outcomes[(e.task_id, e.attempt)] = "failed"
+
+
+def _cancelled(outcomes: dict[tuple[str, int], str], e: ev.TaskCancelled) -> None:
+    if e.attempt is not None:
+        outcomes.setdefault((e.task_id, e.attempt), "cancelled")
+
+
+_OUTCOMES: Final = dict(
+    [
+        ev.on(ev.RebuildDecided, _rebuilt),
+        ev.on(ev.TaskCompleted, _completed),
+        ev.on(ev.TaskFailed, _failed),
+        ev.on(ev.TaskCancelled, _cancelled),
+    ]
+)
+# Only a decision ends an attempt for good (an exit may still be rebuilt, a start may
+# still fail): everything else leaves its outcome open.
+_OUTCOMES_IGNORES: Final[frozenset[type[ev.Event]]] = frozenset(
+    {
+        ev.NodeRegistered,
+        ev.NodeLost,
+        ev.NodeRecovered,
+        ev.GpuFault,
+        ev.GpuQuarantined,
+        ev.GpuRestored,
+        ev.GpuAllocated,
+        ev.GpuReleased,
+        ev.TaskSubmitted,
+        ev.TaskPending,
+        ev.TaskScheduled,
+        ev.ContainerStarted,
+        ev.ContainerStartFailed,
+        ev.ContainerExited,
+        ev.FaultClassified,
+    }
+)
 
 
 # --- drawing -------------------------------------------------------------------------

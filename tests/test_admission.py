@@ -768,6 +768,8 @@ def strategy(tp: Any) -> st.SearchStrategy[Any]:
         return TIMES
     if tp is ev.GpuInfo:
         return st.builds(ev.GpuInfo, uuid=TEXTS, index=INTS, model=TEXTS, memory_mb=INTS)
+    if origin is typing.Literal:  # the closed words, and anything a forged event may carry
+        return st.sampled_from(args) | TEXTS
     if origin in (typing.Union, types.UnionType):
         return st.one_of(*(strategy(a) for a in args))
     if origin is tuple:

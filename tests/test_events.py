@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 from gpuwarden.engine.core import events as ev
+from gpuwarden.engine.core.admission import check_event
 from gpuwarden.engine.core.errors import EventDecodeError
 
 AT = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -207,3 +208,65 @@ def test_subjects_per_aggregate_and_writer() -> None:
         assert ev.is_legacy_subject(ev.legacy_subject_of(e)) and not ev.is_legacy_subject(subject)
     assert ev.subject_token("node-a/0") != ev.subject_token("node-a_0")
     assert "." not in ev.subject_token("a.b") and "*" not in ev.subject_token("a*")
+
+
+def _sample(tag: str) -> ev.Event:
+    return next(e for e in sample_events() if ev.type_of(e) == tag)
+
+
+# (type, field, its closed vocabulary): refused when an event decodes with any other word.
+CLOSED = [
+    ("gpu.fault", "kind", ev.GPU_FAULT_KINDS),
+    ("fault.classified", "fault", ev.FAULT_TYPES),
+    ("rebuild.decided", "fault", ev.FAULT_TYPES),
+    ("task.failed", "fault", ev.FAULT_TYPES),
+    ("task.failed", "reason", ev.FAILURE_REASONS),
+]
+
+
+@pytest.mark.parametrize(("tag", "field", "words"), CLOSED, ids=lambda v: str(v)[:20])
+def test_closed_fields_decode_their_words_and_refuse_others(
+    tag: str, field: str, words: tuple[str, ...]
+) -> None:
+    """Closing a field must not turn a stored event that was folded into a dead letter:
+    every word admission refused is refused at decode, and only those."""
+    event = _sample(tag)
+    data = msgspec.json.decode(ev.encode(event))
+    for word in words:
+        decoded = ev.decode(msgspec.json.encode({**data, field: word}))
+        assert getattr(decoded, field) == word
+        assert check_event(decoded) is None
+    for word in ("", "XID", "completed ", "not_a_fault", "User_Error"):
+        assert check_event(msgspec.structs.replace(event, **{field: word})) is not None
+        with pytest.raises(EventDecodeError) as info:
+            ev.decode(msgspec.json.encode({**data, field: word}))
+        assert info.value.path == f"$.{field}"
+
+
+def test_free_text_fields_stay_open() -> None:
+    """Reasons, rules and runtimes are free text: any word still decodes."""
+    for tag, field in [
+        ("task.pending", "reason"),
+        ("gpu.quarantined", "reason"),
+        ("gpu.restored", "reason"),
+        ("task.cancelled", "reason"),
+        ("fault.classified", "rule"),
+        ("node.registered", "runtime"),
+    ]:
+        data = msgspec.json.decode(ev.encode(_sample(tag)))
+        decoded = ev.decode(msgspec.json.encode({**data, field: "anything at all"}))
+        assert getattr(decoded, field) == "anything at all"
+
+
+def test_task_states_are_one_vocabulary() -> None:
+    """The supervisor, the read model and scenario files share `events.TaskStatus`."""
+    from gpuwarden.adapters import scenario_file
+    from gpuwarden.engine.core import state
+    from gpuwarden.projections import model
+
+    assert ev.TASK_STATUSES == (
+        "pending", "scheduled", "running", "completed", "failed", "cancelled"
+    )  # fmt: skip
+    assert model.TASK_STATES == ev.TASK_STATUSES
+    assert set(scenario_file.TASK_STATES) == set(ev.TASK_STATUSES) - {"scheduled"}
+    assert state.TERMINAL == ev.TERMINAL_STATUSES == {"completed", "failed", "cancelled"}

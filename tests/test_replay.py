@@ -22,8 +22,10 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.engine.cli import main
 from gpuwarden.engine.clock import VirtualClock
 from gpuwarden.engine.core import events as ev

@@ -8,14 +8,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
 from gpuwarden.adapters.dead_letters import JetStreamDeadLetters
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.engine.clock import VirtualClock
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core.commands import RunCommand
 from gpuwarden.engine.core.wire import BASIS_HEADER, TRIGGER_HEADER
 from gpuwarden.engine.ports import StoredEvent
-from gpuwarden.engine.runtime import Engine
+from gpuwarden.engine.runtime import BACKOFF_MAX_S, BACKOFF_MIN_S, Engine, next_backoff
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -133,7 +134,8 @@ async def test_preempted_task_is_rebuilt_after_backoff(world: World) -> None:
     )
     world.clock.advance(1.5)
     await world.settle()
-    assert world.engine.state.tasks["t1"].status == "waiting"
+    waiting = world.engine.state.tasks["t1"]
+    assert waiting.status == "pending" and waiting.rebuild is not None  # out its backoff
     world.clock.advance(10)
     await world.settle()
     task = world.engine.state.tasks["t1"]
@@ -174,6 +176,20 @@ async def test_oversized_and_unknown_type_events_are_dead_lettered(world: World)
     assert any("exceeds 400" in r for r in reasons)
     assert "big" not in world.engine.state.tasks
     assert world.engine.state.nodes["n1"].alive
+    assert world.engine.metrics.dead_letters["too_large"] == 1
+    assert world.engine.metrics.dead_letters["undecodable"] == 1
+
+
+async def test_a_dead_letters_kind_is_why_it_was_refused_not_what_its_text_says(
+    world: World,
+) -> None:
+    # An unknown type whose name is "exceeds": undecodable, whatever the decoder says of it.
+    await world.log.nc.publish("gw.evt.task.x", b'{"type":"exceeds","id":"q"}')
+    await register(world, "n1", 1)
+    await world.settle()
+    assert dict(world.engine.metrics.dead_letters) == {"undecodable": 1}
+    [(headers, _)] = await world.dead_letters.read_all()
+    assert "exceeds" in headers["Gw-Reason"]
 
 
 async def test_a_restarted_engine_neither_repeats_nor_loses_decisions(
@@ -286,3 +302,13 @@ def test_a_task_group_failure_is_reported_as_its_first_gpuwarden_error() -> None
     group = BaseExceptionGroup("tg", [ValueError("noise"), ExceptionGroup("inner", [inner])])
     assert _first_error(group) is inner
     assert _first_error(BaseExceptionGroup("tg", [ValueError("x")])) is None
+
+
+def test_the_append_backoff_doubles_from_its_floor_up_to_its_ceiling() -> None:
+    assert next_backoff(0.0) == BACKOFF_MIN_S
+    assert next_backoff(BACKOFF_MIN_S) == 2 * BACKOFF_MIN_S
+    pauses = [0.0]
+    for _ in range(12):
+        pauses.append(next_backoff(pauses[-1]))
+    assert pauses[1:] == sorted(pauses[1:]) and pauses[-1] == BACKOFF_MAX_S
+    assert next_backoff(BACKOFF_MAX_S) == BACKOFF_MAX_S

@@ -124,7 +124,7 @@ def test_sigkill_without_oom_is_preempted_and_rebuilt_after_backoff(
     )
     assert rebuild.not_before == rebuild.at + timedelta(seconds=10)
     assert holders(d) == {"a/0": None}  # released while it waits
-    assert d.state.tasks["t1"].status == "waiting"
+    assert d.state.tasks["t1"].status == "pending" and d.state.tasks["t1"].rebuild is not None
     d.advance(9.9)
     assert len(d.of_type(ev.TaskScheduled, "t1")) == 1  # not before the backoff
     d.advance(0.1)
@@ -801,7 +801,7 @@ def test_restored_gpu_places_a_waiting_task() -> None:
     d.xid("a/0", 48)
     d.exit("t1", 1)
     d.advance(11)
-    assert d.state.tasks["t1"].status == "waiting"
+    assert d.state.tasks["t1"].status == "pending" and d.state.tasks["t1"].rebuild is not None
     assert "quarantined" in d.of_type(ev.TaskPending, "t1")[-1].reason
     d.emit(ev.GpuRestored, gpu_uuid="a/0", node="a", reason="reset")
     # the fault excluded a/0 for this attempt: it must still wait
@@ -997,7 +997,8 @@ def test_a_task_rebuilt_after_node_loss_may_return_to_the_node_once_it_recovered
     lost = d.attempt("t1").node
     d.emit(ev.NodeLost, node=lost)
     d.advance(60)
-    assert d.state.tasks["t1"].status == "waiting"  # the other node is busy with t2
+    task = d.state.tasks["t1"]
+    assert task.status == "pending" and task.rebuild is not None  # the other node is busy with t2
     d.emit(ev.NodeRecovered, node=lost)
     d.advance(1)
     assert d.state.tasks["t1"].status == "running"

@@ -11,12 +11,28 @@ from typing import Final, TypeAlias
 import msgspec
 from gpuwarden.engine.core.errors import EventDecodeError
 from gpuwarden.engine.core.events import (
+    ContainerExited,
+    ContainerStarted,
+    ContainerStartFailed,
     Event,
     FaultClassified,
+    GpuAllocated,
+    GpuFault,
+    GpuQuarantined,
+    GpuReleased,
+    GpuRestored,
+    NodeLost,
     NodeRecovered,
+    NodeRegistered,
+    RebuildDecided,
     TaskCancelled,
+    TaskCompleted,
+    TaskFailed,
+    TaskPending,
     TaskScheduled,
+    TaskSubmitted,
     derive_id,
+    on,
 )
 from gpuwarden.engine.core.state import AttemptState, State, unended
 
@@ -73,46 +89,88 @@ def decode_command(data: bytes) -> Command:
 
 def commands_for(state: State, event: Event) -> list[Command]:
     """Commands to node agents that a decision (already folded) calls for."""
-    if isinstance(event, TaskScheduled):
-        task = state.tasks.get(event.task_id)
-        if task is None:
-            return []
-        spec = task.spec
-        return [
-            RunCommand(
-                id=derive_id(event.id, "run"),
-                node=event.node,
-                task_id=event.task_id,
-                attempt=event.attempt,
-                causation_id=event.id,
-                image=spec.image,
-                command=spec.command,
-                env=dict(spec.env),
-                gpu_uuids=event.gpu_uuids,
-                memory_mb=spec.memory_mb,
-            )
-        ]
-    if isinstance(event, TaskCancelled):
-        task = state.tasks.get(event.task_id)
-        attempt = task.current if task is not None else None
-        if attempt is None or not attempt.stop_requested or attempt.exited is not None:
-            return []
-        return [_stop(event.id, attempt, event.task_id, f"cancelled: {event.reason}")]
-    if isinstance(event, FaultClassified):
-        task = state.tasks.get(event.task_id)
-        attempt = None if task is None else task.attempts.get(event.attempt)
-        node = None if attempt is None else state.nodes.get(attempt.node)
-        if attempt is None or node is None or not node.alive or not unended(attempt):
-            return []  # ended, or on a lost node: stopped when the node comes back
-        return [_stop_concluded(event.id, attempt, event.task_id)]
-    if isinstance(event, NodeRecovered):
-        return [
-            _stop_concluded(event.id, attempt, task.spec.task_id)
-            for task in state.tasks.values()
-            for attempt in task.attempts.values()
-            if attempt.node == event.node and unended(attempt)
-        ]
-    return []
+    handler = _COMMANDS.get(type(event))
+    return [] if handler is None else handler(state, event)
+
+
+def _run(state: State, event: TaskScheduled) -> list[Command]:
+    task = state.tasks.get(event.task_id)
+    if task is None:
+        return []
+    spec = task.spec
+    return [
+        RunCommand(
+            id=derive_id(event.id, "run"),
+            node=event.node,
+            task_id=event.task_id,
+            attempt=event.attempt,
+            causation_id=event.id,
+            image=spec.image,
+            command=spec.command,
+            env=dict(spec.env),
+            gpu_uuids=event.gpu_uuids,
+            memory_mb=spec.memory_mb,
+        )
+    ]
+
+
+def _stop_cancelled(state: State, event: TaskCancelled) -> list[Command]:
+    task = state.tasks.get(event.task_id)
+    attempt = task.current if task is not None else None
+    if attempt is None or not attempt.stop_requested or attempt.exited is not None:
+        return []
+    return [_stop(event.id, attempt, event.task_id, f"cancelled: {event.reason}")]
+
+
+def _stop_classified(state: State, event: FaultClassified) -> list[Command]:
+    task = state.tasks.get(event.task_id)
+    attempt = None if task is None else task.attempts.get(event.attempt)
+    node = None if attempt is None else state.nodes.get(attempt.node)
+    if attempt is None or node is None or not node.alive or not unended(attempt):
+        return []  # ended, or on a lost node: stopped when the node comes back
+    return [_stop_concluded(event.id, attempt, event.task_id)]
+
+
+def _stop_stale(state: State, event: NodeRecovered) -> list[Command]:
+    return [
+        _stop_concluded(event.id, attempt, task.spec.task_id)
+        for task in state.tasks.values()
+        for attempt in task.attempts.values()
+        if attempt.node == event.node and unended(attempt)
+    ]
+
+
+_COMMANDS: Final = dict(
+    [
+        on(TaskScheduled, _run),
+        on(TaskCancelled, _stop_cancelled),
+        on(FaultClassified, _stop_classified),
+        on(NodeRecovered, _stop_stale),
+    ]
+)
+# Events that ask nothing of a node: facts the nodes told, a node's loss (what ran there
+# is stopped when it comes back, on node.recovered), and decisions whose commands ride
+# on another event of their group (the run on task.scheduled, a stop on
+# fault.classified).
+_COMMANDS_IGNORES: Final[frozenset[type[Event]]] = frozenset(
+    {
+        NodeRegistered,
+        NodeLost,
+        GpuFault,
+        GpuQuarantined,
+        GpuRestored,
+        GpuAllocated,
+        GpuReleased,
+        TaskSubmitted,
+        TaskPending,
+        ContainerStarted,
+        ContainerStartFailed,
+        ContainerExited,
+        RebuildDecided,
+        TaskCompleted,
+        TaskFailed,
+    }
+)
 
 
 def _stop_concluded(cause: str, attempt: AttemptState, task_id: str) -> StopCommand:

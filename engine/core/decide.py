@@ -9,18 +9,24 @@ and the GPUs it takes), and its ids derive from the event the decision is about,
 retry or a replay re-derives them bit for bit.
 
 Nothing here reads a clock, draws a random number or does I/O.
+
+Size: one module, past 600 lines, on purpose. Every reaction shares the round's
+bookkeeping (`_Round`: GPUs taken or released, attempts concluded this round) and
+ends in the placement round; split apart, each part would reach into the others'
+private state.
 """
 
 from __future__ import annotations
 
 import heapq
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from gpuwarden.engine.core.events import (
     ContainerExited,
+    ContainerStarted,
     ContainerStartFailed,
     Event,
     FaultClassified,
@@ -40,6 +46,7 @@ from gpuwarden.engine.core.events import (
     TaskScheduled,
     TaskSubmitted,
     derive_id,
+    on,
 )
 from gpuwarden.engine.core.faults import (
     AttemptEvidence,
@@ -456,18 +463,35 @@ def _react_capacity(r: _Round, e: Event) -> None:
     r.place = True
 
 
-_DECIDE: dict[type[Any], Callable[[_Round, Any], None]] = {
-    ContainerExited: _react_exited,
-    ContainerStartFailed: _react_start_failed,
-    NodeLost: _react_node_lost,
-    GpuFault: _react_gpu_fault,
-    TaskCancelled: _react_cancelled,
-    TaskSubmitted: _react_capacity,
-    GpuReleased: _react_capacity,
-    GpuRestored: _react_capacity,
-    NodeRegistered: _react_capacity,
-    NodeRecovered: _react_capacity,
-}
+_DECIDE: Final = dict(
+    [
+        on(ContainerExited, _react_exited),
+        on(ContainerStartFailed, _react_start_failed),
+        on(NodeLost, _react_node_lost),
+        on(GpuFault, _react_gpu_fault),
+        on(TaskCancelled, _react_cancelled),
+        on(TaskSubmitted, _react_capacity),
+        on(GpuReleased, _react_capacity),
+        on(GpuRestored, _react_capacity),
+        on(NodeRegistered, _react_capacity),
+        on(NodeRecovered, _react_capacity),
+    ]
+)
+# Events that call for no decision: the engine's own decisions (what they ask of the
+# nodes is `commands_for`'s), and a container's start, which no decision waits on.
+_DECIDE_IGNORES: Final[frozenset[type[Event]]] = frozenset(
+    {
+        GpuQuarantined,
+        GpuAllocated,
+        TaskPending,
+        TaskScheduled,
+        ContainerStarted,
+        FaultClassified,
+        RebuildDecided,
+        TaskCompleted,
+        TaskFailed,
+    }
+)
 
 
 def _placement_round(r: _Round) -> None:

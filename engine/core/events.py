@@ -9,11 +9,53 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Final, TypeAlias
+from typing import Any, Concatenate, Final, Literal, ParamSpec, TypeAlias, TypeVar, get_args
 
 import msgspec
 from gpuwarden.engine.core.errors import EventDecodeError
+
+# --- the closed vocabularies ---------------------------------------------------------
+#
+# Values a field may take, checked when an event decodes. Only fields whose values
+# admission refused anyway are closed here, so no stored event that was ever folded
+# becomes undecodable (it was a dead letter before, and is one still); free text (a
+# pending reason, a quarantine reason, a classification rule's name) stays open.
+
+# How an attempt ended (`fault.classified`, `rebuild.decided`, `task.failed`).
+Fault: TypeAlias = Literal[
+    "completed",
+    "user_error",
+    "image_error",
+    "container_oom",
+    "gpu_app_error",
+    "gpu_hardware",
+    "node_lost",
+    "runtime_error",
+    "preempted",
+    "unknown",
+]
+# Why a task failed (`task.failed`).
+FailureReason: TypeAlias = Literal[
+    "not_target_fault", "policy_rule", "budget_exhausted", "unschedulable"
+]
+# What a node's probe saw on a GPU (`gpu.fault`).
+GpuFaultKind: TypeAlias = Literal["xid", "ecc_dbe", "fallen_off_bus", "recovery_action"]
+
+# A task's state: one vocabulary for the supervisor (`TaskState.status`, and the task
+# API that shows it), the read model (`tasks.state`) and scenario files (`expect.state`).
+# No event carries it; each of those folds it from the log:
+#   pending    not placed: submitted, or a decided rebuild awaiting its placement
+#   scheduled  placed, its container not yet known to have started. Only the read model
+#              watches container starts; the supervisor and scenario files say `running`
+#   running    placed (read model: its container started)
+#   completed, failed, cancelled: ended for good; nothing later changes it
+# (Scenario files keep a rebuild that waits out its backoff `running`: see
+# adapters/scenario_check.py.)
+TaskStatus: TypeAlias = Literal[
+    "pending", "scheduled", "running", "completed", "failed", "cancelled"
+]
 
 
 class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -59,7 +101,7 @@ class NodeRecovered(_Base, frozen=True, tag="node.recovered"):
 class GpuFault(_Base, frozen=True, tag="gpu.fault"):
     gpu_uuid: str
     node: str
-    kind: str  # xid | ecc_dbe | fallen_off_bus | recovery_action
+    kind: GpuFaultKind
     xid: int | None = None
     detail: str = ""
 
@@ -149,7 +191,7 @@ class ContainerExited(_Base, frozen=True, tag="container.exited"):
 class FaultClassified(_Base, frozen=True, tag="fault.classified"):
     task_id: str
     attempt: int
-    fault: str
+    fault: Fault
     rule: str
     evidence: tuple[str, ...] = ()
 
@@ -158,7 +200,7 @@ class RebuildDecided(_Base, frozen=True, tag="rebuild.decided"):
     task_id: str
     attempt: int  # the new attempt
     previous_attempt: int
-    fault: str
+    fault: Fault
     counted: bool
     rule: int | None
     not_before: datetime
@@ -174,8 +216,8 @@ class TaskCompleted(_Base, frozen=True, tag="task.completed"):
 class TaskFailed(_Base, frozen=True, tag="task.failed"):
     task_id: str
     attempt: int | None
-    fault: str | None
-    reason: str  # not_target_fault | policy_rule | budget_exhausted | unschedulable
+    fault: Fault | None
+    reason: FailureReason
     rule: int | None = None
     detail: str = ""
 
@@ -211,25 +253,33 @@ Event: TypeAlias = (
 EVENT_TYPES: Final[dict[str, type[Any]]] = {
     cls.__struct_config__.tag: cls for cls in Event.__args__
 }
+# Every event type: what each fold over the log must handle or ignore on purpose
+# (tests/test_folds.py holds every fold to it).
+CATALOG: Final[frozenset[type[Event]]] = frozenset(EVENT_TYPES.values())
 
-FAULT_TYPES: Final[tuple[str, ...]] = (
-    "completed",
-    "user_error",
-    "image_error",
-    "container_oom",
-    "gpu_app_error",
-    "gpu_hardware",
-    "node_lost",
-    "runtime_error",
-    "preempted",
-    "unknown",
-)
-FAILURE_REASONS: Final[tuple[str, ...]] = (
-    "not_target_fault",
-    "policy_rule",
-    "budget_exhausted",
-    "unschedulable",
-)
+FAULT_TYPES: Final[tuple[Fault, ...]] = get_args(Fault)
+FAILURE_REASONS: Final[tuple[FailureReason, ...]] = get_args(FailureReason)
+GPU_FAULT_KINDS: Final[tuple[GpuFaultKind, ...]] = get_args(GpuFaultKind)
+TASK_STATUSES: Final[tuple[TaskStatus, ...]] = get_args(TaskStatus)
+TERMINAL_STATUSES: Final[frozenset[TaskStatus]] = frozenset({"completed", "failed", "cancelled"})
+
+# --- dispatch tables -----------------------------------------------------------------
+
+_E = TypeVar("_E", bound=Event)
+_S = TypeVar("_S")
+_R = TypeVar("_R")
+_P = ParamSpec("_P")
+Handler: TypeAlias = Callable[Concatenate[_S, Any, _P], _R]
+
+
+def on(
+    kind: type[_E], handler: Callable[Concatenate[_S, _E, _P], _R]
+) -> tuple[type[Any], Handler[_S, _P, _R]]:
+    """One entry of a fold's dispatch table, `dict([on(Type, handler), ...])`: mypy
+    refuses a handler whose event parameter does not take `kind`, so a table looked up
+    by `type(event)` hands every handler the type it declares."""
+    return kind, handler
+
 
 # --- encoding ----------------------------------------------------------------------
 

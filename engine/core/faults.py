@@ -50,9 +50,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Final, Literal, TypeAlias
 
-from gpuwarden.engine.core.events import ContainerExited, ContainerStartFailed, GpuFault, NodeLost
+from gpuwarden.engine.core.events import (
+    ContainerExited,
+    ContainerStartFailed,
+    Fault,
+    GpuFault,
+    NodeLost,
+)
+
+# What one GPU fault says on its own: the GPU needs a reset (rebuild elsewhere, quarantine
+# it), the node needs a reboot, or the application is at fault. None: it decides nothing.
+GpuFaultClass: TypeAlias = Literal["gpu_hardware", "gpu_node", "gpu_app_error"]
 
 # Fragments of the Docker daemon's / runc's error texts that mean the image or the
 # command itself is wrong, so a rebuild on other hardware cannot help. Seen with the
@@ -131,7 +141,7 @@ class AttemptEvidence:
 class Classification:
     """The verdict on one attempt, with the events that decided it."""
 
-    fault: str
+    fault: Fault
     rule: str
     evidence: tuple[str, ...]
     exclude_gpus: tuple[str, ...] = ()
@@ -151,7 +161,7 @@ def is_image_error(message: str) -> bool:
     return "exec:" in text and any(failure in text for failure in _EXEC_FAILURES)
 
 
-def recovery_action_class(detail: str) -> str | None:
+def recovery_action_class(detail: str) -> GpuFaultClass | None:
     """The class of an NVML recovery action written as its number or name."""
     action = detail.strip().lower().removeprefix("nvml_").removeprefix("gpu_recovery_action_")
     if action in _RECOVERY_NODE:
@@ -161,7 +171,7 @@ def recovery_action_class(detail: str) -> str | None:
     return None
 
 
-def gpu_fault_class(fault: GpuFault, table: FaultTable = DEFAULT_TABLE) -> str | None:
+def gpu_fault_class(fault: GpuFault, table: FaultTable = DEFAULT_TABLE) -> GpuFaultClass | None:
     """ "gpu_hardware", "gpu_node" (the node needs a reboot), "gpu_app_error" or None."""
     match fault.kind:
         case "ecc_dbe":
@@ -173,10 +183,10 @@ def gpu_fault_class(fault: GpuFault, table: FaultTable = DEFAULT_TABLE) -> str |
         case "xid":
             return _xid_class(fault.xid, table)
         case _:
-            return None
+            return None  # an event built in memory with a kind no decoder would accept
 
 
-def _xid_class(xid: int | None, table: FaultTable) -> str | None:
+def _xid_class(xid: int | None, table: FaultTable) -> GpuFaultClass | None:
     if xid is None or xid in table.xid_ignored:
         return None
     if xid in table.xid_node:
@@ -331,7 +341,7 @@ def _classify_exit(
     code = exit_code_of(exited)
     ids = (exited.id,)
 
-    def verdict(fault: str, rule: str, extra: tuple[str, ...] = ()) -> Classification:
+    def verdict(fault: Fault, rule: str, extra: tuple[str, ...] = ()) -> Classification:
         return Classification(fault, rule, ids + extra, exit_code=code)
 
     if exited.oom_killed:
@@ -353,7 +363,7 @@ def _classify_exit(
     return verdict("user_error", "exit_nonzero")
 
 
-def _signal_fault(signal: int, stop_requested: bool) -> tuple[str, str]:
+def _signal_fault(signal: int, stop_requested: bool) -> tuple[Fault, str]:
     if signal in (_SIGKILL, _SIGTERM):
         if stop_requested:
             return ("user_error", "stop_requested")

@@ -5,6 +5,14 @@ with the fewest free GPUs (neither held nor quarantined, nor promised earlier in
 same round) that still has enough eligible ones wins, so that whole nodes stay free
 for multi-GPU tasks. Ties break on the node name, then the GPU index, so the same
 state always yields the same placement (replay re-derives it).
+
+There is one placement, the supervisor's: the fold keeps the nodes with a free GPU in
+that order of preference (`State.free_ranked`), decide walks it lazily
+(`decide._candidates`, which also counts GPUs promised earlier in the round), and
+`first_fit` takes the first node of it that fits. A placement is a bisect and a short
+walk, never a sort of every node. `why_not` says why nothing fit, once per request
+shape and round. tests/test_placement.py holds the whole path to a from-scratch
+best-fit over random clusters.
 """
 
 from __future__ import annotations
@@ -75,49 +83,6 @@ def _describe(request: PlacementRequest) -> str:
     if request.min_gpu_memory_mb:
         what += f" with >= {request.min_gpu_memory_mb} MiB"
     return what
-
-
-def place(
-    request: PlacementRequest,
-    nodes: Mapping[str, NodeView],
-    gpus: Mapping[str, GpuView],
-    taken: Iterable[str] = (),
-    candidates: Iterable[str] | None = None,
-) -> Placement | NoFit:
-    """Choose GPUs for one attempt, or say why none fit.
-
-    `taken` lists GPUs already promised in the same decision round (not yet in state).
-    `candidates`, when given, is a caller's free-GPU index at work: every node that may
-    fit, already in preference order (free count, then name); the answer is the same
-    as without it, only cheaper.
-    """
-    taken_set = taken if isinstance(taken, set | frozenset) else set(taken)
-    if candidates is None:
-        candidates = preference_order(nodes, gpus, taken_set, request.gpus)
-    found = first_fit(request, nodes, gpus, taken_set, candidates)
-    return found if found is not None else why_not(request, nodes, gpus)
-
-
-def preference_order(
-    nodes: Mapping[str, NodeView],
-    gpus: Mapping[str, GpuView],
-    taken: set[str] | frozenset[str],
-    at_least: int,
-) -> list[str]:
-    """Nodes with at least `at_least` free GPUs, fewest free first, then by name."""
-    counted = []
-    for name, node in nodes.items():
-        free = sum(
-            1
-            for uuid in node.gpus
-            if (gpu := gpus.get(uuid)) is not None
-            and gpu.holder is None
-            and not gpu.quarantined
-            and uuid not in taken
-        )
-        if free >= at_least:
-            counted.append((free, name))
-    return [name for _, name in sorted(counted)]
 
 
 def first_fit(

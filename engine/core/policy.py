@@ -31,30 +31,36 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Final, Literal, TypeAlias, get_args
 
 from gpuwarden.engine.core.errors import PolicyError
-from gpuwarden.engine.core.events import FAULT_TYPES
+from gpuwarden.engine.core.events import FAULT_TYPES, FailureReason, Fault
 
-ACTIONS: Final[tuple[str, ...]] = ("fail", "rebuild", "rebuild_uncounted")
-FAILURE_FAULTS: Final[tuple[str, ...]] = tuple(f for f in FAULT_TYPES if f != "completed")
+# What a policy rule may say, and what a verdict says.
+Action: TypeAlias = Literal["fail", "rebuild", "rebuild_uncounted"]
+Outcome: TypeAlias = Literal["complete", "rebuild", "fail"]
+
+ACTIONS: Final[tuple[Action, ...]] = get_args(Action)
+FAILURE_FAULTS: Final[tuple[Fault, ...]] = tuple(f for f in FAULT_TYPES if f != "completed")
+_ACTION_NAMED: Final[dict[str, Action]] = {action: action for action in ACTIONS}
+_FAILURE_NAMED: Final[dict[str, Fault]] = {fault: fault for fault in FAILURE_FAULTS}
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One ordered policy rule; a condition left as None is not checked."""
 
-    action: str
+    action: Action
     exit_codes_in: frozenset[int] | None = None
     exit_codes_not_in: frozenset[int] | None = None
-    faults: frozenset[str] | None = None
+    faults: frozenset[Fault] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A task's rebuild policy (defaults: the engine's)."""
 
-    rebuild_on: frozenset[str] = frozenset(
+    rebuild_on: frozenset[Fault] = frozenset(
         {"gpu_hardware", "node_lost", "runtime_error", "preempted"}
     )
     rules: tuple[Rule, ...] = ()
@@ -73,9 +79,9 @@ DEFAULT_POLICY: Final = Policy()
 class Verdict:
     """What to do with an attempt's outcome."""
 
-    action: str
+    action: Outcome
     counted: bool = False
-    reason: str | None = None
+    reason: FailureReason | None = None
     rule: int | None = None
     backoff_s: float = 0.0
 
@@ -83,7 +89,7 @@ class Verdict:
 # --- judging -----------------------------------------------------------------------
 
 
-def rule_matches(rule: Rule, fault: str, exit_code: int | None) -> bool:
+def rule_matches(rule: Rule, fault: Fault, exit_code: int | None) -> bool:
     """Whether every condition the rule names holds for this failure."""
     if rule.faults is not None and fault not in rule.faults:
         return False
@@ -114,7 +120,7 @@ def backoff(policy: Policy, recent: int) -> float:
 
 def judge(
     policy: Policy,
-    fault: str,
+    fault: Fault,
     exit_code: int | None,
     counted_rebuilds: Sequence[datetime],
     now: datetime,
@@ -274,20 +280,21 @@ def _list(value: object, where: _Where) -> list[object]:
     return value
 
 
-def _faults(value: object, where: _Where, *, empty_ok: bool) -> frozenset[str]:
+def _faults(value: object, where: _Where, *, empty_ok: bool) -> frozenset[Fault]:
     items = _list(value, where)
     if not items and not empty_ok:
         raise where.error("must not be empty (leave the key out to match any fault)")
-    faults: set[str] = set()
+    faults: set[Fault] = set()
     for index, item in enumerate(items):
         here = where.at(index)
         if not isinstance(item, str):
             raise here.error(f"expected a fault type name, got {_describe(item)}")
         if item == "completed":
             raise here.error("'completed' is not a failure; exit 0 never reaches the policy")
-        if item not in FAILURE_FAULTS:
+        fault = _FAILURE_NAMED.get(item)
+        if fault is None:
             raise here.error(f"unknown fault type {item!r} (known: {', '.join(FAILURE_FAULTS)})")
-        faults.add(item)
+        faults.add(fault)
     return frozenset(faults)
 
 
@@ -301,10 +308,11 @@ def _rule(value: object, where: _Where) -> Rule:
     _check_keys(value, _RULE_KEYS, where)
     if "action" not in value:
         raise where.at("action").error(f"missing (one of: {', '.join(ACTIONS)})")
-    action = value["action"]
-    if not isinstance(action, str) or action not in ACTIONS:
+    named = value["action"]
+    action = _ACTION_NAMED.get(named) if isinstance(named, str) else None
+    if action is None:
         raise where.at("action").error(
-            f"unknown action {_describe(action)} (one of: {', '.join(ACTIONS)})"
+            f"unknown action {_describe(named)} (one of: {', '.join(ACTIONS)})"
         )
     codes_in, codes_not_in = None, None
     if "exit_codes" in value:
@@ -373,6 +381,6 @@ def _rule_to_mapping(rule: Rule) -> dict[str, object]:
     return data
 
 
-def _ordered_faults(faults: frozenset[str]) -> list[str]:
-    known = [f for f in FAULT_TYPES if f in faults]
-    return known + sorted(faults - set(FAULT_TYPES))
+def _ordered_faults(faults: frozenset[Fault]) -> list[str]:
+    known: list[str] = [f for f in FAULT_TYPES if f in faults]
+    return known + sorted(faults - set(FAULT_TYPES))  # a Policy built by hand may hold others

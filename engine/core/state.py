@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final, Literal, TypeAlias
 
 from gpuwarden.engine.core.events import (
+    TERMINAL_STATUSES,
     ContainerExited,
     ContainerStartFailed,
     FaultClassified,
@@ -18,6 +20,7 @@ from gpuwarden.engine.core.events import (
     RebuildDecided,
     TaskFailed,
     TaskScheduled,
+    TaskStatus,
     TaskSubmitted,
 )
 from gpuwarden.engine.core.faults import (
@@ -30,7 +33,12 @@ from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy
 ENGINE = "engine"
 GPU_FAULT_MEMORY = 16  # recent faults kept per GPU: evidence windows are seconds long
 
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
+TERMINAL: Final = TERMINAL_STATUSES  # a task in one of these states is done for good
+
+# Why decide must be called at a time: an exit's evidence window closes ("evidence"), a
+# hardware fault under a process that has not exited is given up on ("fault"), or a
+# rebuild's backoff is over ("backoff").
+TimerKind: TypeAlias = Literal["evidence", "fault", "backoff"]
 
 
 @dataclass(slots=True)
@@ -87,7 +95,10 @@ class AttemptState:
 class TaskState:
     spec: TaskSubmitted
     order: int  # submission order, for placing pending tasks fairly
-    status: str = "pending"  # pending | waiting | running | completed | failed | cancelled
+    # The shared vocabulary (events.TaskStatus), less `scheduled`: the supervisor does
+    # not wait for a container's start. `pending` until placed, and again from a decided
+    # rebuild (`rebuild` is then set) until its new attempt is placed.
+    status: TaskStatus = "pending"
     attempts: dict[int, AttemptState] = field(default_factory=dict)
     next_attempt: int = 1  # the attempt that placement will create next
     rebuild: RebuildDecided | None = None  # the decided rebuild awaiting placement
@@ -105,7 +116,7 @@ class TaskState:
 @dataclass(order=True, frozen=True, slots=True)
 class Timer:
     due: datetime
-    kind: str  # "evidence" (after an exit) | "fault" (a hardware fault, no exit) | "backoff"
+    kind: TimerKind
     task_id: str
     attempt: int
 
@@ -216,13 +227,8 @@ def timer_valid(state: State, timer: Timer) -> bool:
     if timer.kind == "fault":  # still running on a GPU that failed under it
         found = current_open(state, timer.task_id, timer.attempt)
         return found is not None and found[1].live and hung_on(state, found[1]) is not None
-    rebuild = task.rebuild
-    return (
-        task.status == "waiting"
-        and rebuild is not None
-        and rebuild.attempt == timer.attempt
-        and task.pending_reason is None
-    )
+    rebuild = task.rebuild  # set only while the rebuild awaits its placement
+    return rebuild is not None and rebuild.attempt == timer.attempt and task.pending_reason is None
 
 
 def holds_gpus(state: State, key: tuple[str, int]) -> bool:
