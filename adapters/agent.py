@@ -1,9 +1,13 @@
 """The node agent: the engine's hands and eyes on one node.
 
 The engine decides; the agent carries out its commands for this node (`gw.cmd.<node>`)
-on Docker and reports what really happened as catalog events: starts, start failures
-with the daemon's own words, exits with code, signal and OOM flag. It sends heartbeats
-so the engine can tell a dead node from a quiet one.
+on its container runtime (the `ContainerRuntime` port: Docker on a GPU host, the
+in-memory fake in drills and tests) and reports what really happened as catalog
+events: starts, start failures with the runtime's own words, exits with code, signal
+and OOM flag. It sends heartbeats so the engine can tell a dead node from a quiet one.
+
+Every rule of when to run, stop or answer lives here, and every catalog event the
+node writes is built here; the runtime only keeps containers and reports on them.
 
 Everything it appends is an observation of its own node (a guard refuses any other),
 with ids derived from the container and the moment of the state change, so the same
@@ -17,33 +21,21 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from contextlib import aclosing
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
-import msgspec
 import nats.errors
-from gpuwarden.adapters.docker_runtime import (
-    ContainerInfo,
-    ContainerObservation,
-    DockerRuntime,
-    ExitInfo,
-    exit_event,
-    observation_event,
-    state_event_id,
-)
-from gpuwarden.engine.core.admission import MAX_TEXT_CHARS
+from gpuwarden.adapters.agent_events import bounded, exit_event, observation_event, started_event
 from gpuwarden.engine.core.commands import Command, RemoveCommand, RunCommand, StopCommand
 from gpuwarden.engine.core.errors import GpuwardenError
 from gpuwarden.engine.core.events import (
     ContainerExited,
-    ContainerStarted,
     ContainerStartFailed,
     Event,
-    GpuFault,
     GpuInfo,
     NodeRegistered,
     derive_id,
@@ -58,16 +50,22 @@ from gpuwarden.engine.ids import new_id
 from gpuwarden.engine.ports import (
     Clock,
     CommandBus,
+    ContainerInfo,
+    ContainerObservation,
+    ContainerRuntime,
     ContainerRuntimeError,
     ContainerStartError,
     EventLog,
     EventLogError,
+    ExitInfo,
+    GpuHealth,
+    Heartbeats,
     ReceivedCommand,
 )
 
 log = logging.getLogger("gpuwarden.agent")
 
-InventorySource = Literal["nvml", "declared"]
+InventorySource = Literal["nvml", "declared", "simulated"]
 RUNNING_STATES = frozenset({"running", "restarting", "paused"})
 ENDED_STATES = frozenset({"exited", "dead"})
 COMMAND_CONCURRENCY = 16
@@ -81,16 +79,6 @@ class ForeignNodeError(GpuwardenError):
     """An agent was about to append an event about a node other than its own."""
 
 
-class Heartbeats(Protocol):
-    async def beat(self, node: str) -> None: ...
-
-
-class GpuHealth(Protocol):
-    """Where GPU faults come from (NvmlProbe); absent with a declared inventory."""
-
-    def watch(self) -> AsyncIterator[GpuFault]: ...
-
-
 class Agent:
     """One node's agent; `run()` until cancelled."""
 
@@ -99,18 +87,20 @@ class Agent:
         node: str,
         log: EventLog,
         bus: CommandBus,
-        runtime: DockerRuntime,
+        runtime: ContainerRuntime,
         inventory: Sequence[GpuInfo],
         *,
-        heartbeats: Heartbeats,
+        heartbeats: Heartbeats | None,
         clock: Clock,
         heartbeat_s: float = 1.0,
         inventory_source: InventorySource = "nvml",
         stop_timeout_s: float = 10.0,
         gpu_health: GpuHealth | None = None,
     ) -> None:
-        if inventory_source not in ("nvml", "declared"):
-            raise ValueError(f"inventory_source must be 'nvml' or 'declared': {inventory_source!r}")
+        if inventory_source not in ("nvml", "declared", "simulated"):
+            raise ValueError(
+                f"inventory_source must be 'nvml', 'declared' or 'simulated': {inventory_source!r}"
+            )
         self.node = node
         self.actor = f"agent:{node}"
         self.log = log
@@ -128,6 +118,8 @@ class Agent:
         self._locks = tuple(anyio.Lock() for _ in range(64))
         self._watch_since: datetime | None = None
         self._causes: OrderedDict[str, str] = OrderedDict()  # run command id -> its cause
+        # (task, attempt) -> the cause of the stop sent for it: its exit cites that cause
+        self._stops: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._recorded: OrderedDict[str, None] = OrderedDict()  # ids this agent stored
 
     # --- the guard -------------------------------------------------------------------
@@ -155,7 +147,8 @@ class Agent:
     ) -> None:
         self._announce_inventory()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._beat_loop)
+            if self.heartbeats is not None:  # None: the drills beat on the virtual clock
+                tg.start_soon(self._beat_loop, self.heartbeats)
             watching = anyio.Event()
             tg.start_soon(self._watch_loop, watching)
             with anyio.fail_after(30):
@@ -178,12 +171,13 @@ class Agent:
                 models,
             )
         else:
-            log.info("node %s: %d GPUs found by NVML", self.node, len(self.inventory))
+            found = "found by NVML" if self.inventory_source == "nvml" else "simulated"
+            log.info("node %s: %d GPUs %s", self.node, len(self.inventory), found)
 
-    async def _beat_loop(self) -> None:
+    async def _beat_loop(self, heartbeats: Heartbeats) -> None:
         while True:
             try:
-                await self.heartbeats.beat(self.node)
+                await heartbeats.beat(self.node)
             except Exception as exc:  # NATS away: keep trying, the engine will notice
                 log.warning("heartbeat of %s failed: %s", self.node, exc)
             await anyio.sleep(self.heartbeat_s)
@@ -197,7 +191,7 @@ class Agent:
             at=now,
             actor=self.actor,
             node=self.node,
-            runtime="docker",
+            runtime=self.runtime.name,
             gpus=self.inventory,
             declared=self.inventory_source == "declared",
         )
@@ -226,7 +220,7 @@ class Agent:
     # --- reconciliation --------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Docker's containers for this node against what the log says about them."""
+        """The runtime's containers for this node against what the log says about them."""
         containers = await self.runtime.list_managed()
         state = await self._log_view({info.task_id for info in containers})
         self.unknown = []
@@ -261,13 +255,13 @@ class Agent:
         if info.state in RUNNING_STATES:
             await self._adopt(info, attempt, stale=task is None or task.status in TERMINAL)
         elif info.state in ENDED_STATES and attempt.exited is None:
-            exit_info = await self.runtime.inspect_exit(info.container_id)
+            exit_info = await self.runtime.inspect(info.container_id)
             await self._record_exit(exit_info, info.task_id, info.attempt, attempt.started)
 
     async def _adopt(self, info: ContainerInfo, attempt: AttemptState, *, stale: bool) -> None:
         """A running container: the watcher follows it; make sure its start is logged."""
         if not attempt.started:
-            exit_info = await self.runtime.inspect_exit(info.container_id)
+            exit_info = await self.runtime.inspect(info.container_id)
             await self._record_started(exit_info, info.task_id, info.attempt, None)
         if stale or not attempt.live:
             log.warning(
@@ -284,16 +278,13 @@ class Agent:
         if info.started_at is None:
             return
         await self.record(
-            ContainerStarted(
-                id=state_event_id(info.container_id, "start", info.started_at),
-                at=info.started_at,
-                actor=self.actor,
-                causation_id=causation_id,
-                correlation_id=task_id,
+            started_event(
+                info.container_id,
+                info.started_at,
                 task_id=task_id,
                 attempt=attempt,
                 node=self.node,
-                container_id=info.container_id,
+                causation_id=causation_id,
             )
         )
 
@@ -305,10 +296,7 @@ class Agent:
             return
         if not started_logged:
             await self._record_started(info, task_id, attempt, None)
-        event_id = state_event_id(info.container_id, "die", info.finished_at)
-        await self.record(
-            exit_event(info, task_id=task_id, attempt=attempt, node=self.node, event_id=event_id)
-        )
+        await self.record(exit_event(info, task_id=task_id, attempt=attempt, node=self.node))
 
     # --- watching Docker -------------------------------------------------------------
 
@@ -328,7 +316,9 @@ class Agent:
                             self._watch_since = max(self._watch_since, observation.at)
                     tg.cancel_scope.cancel()
             except ContainerRuntimeError as exc:
-                log.warning("watching Docker on %s: %s; reconnecting", self.node, exc)
+                log.warning(
+                    "watching %s on %s: %s; reconnecting", self.runtime.name, self.node, exc
+                )
             except EventLogError as exc:
                 log.warning("recording an observation on %s failed: %s; retrying", self.node, exc)
             await anyio.sleep(WATCH_RETRY_S)
@@ -337,6 +327,8 @@ class Agent:
         if observation.node != self.node:
             return
         cause = self._causes.get(observation.command_id or "")
+        if observation.kind == "exited":  # ended by a stop: the stop's cause ended it
+            cause = self._stops.get((observation.task_id, observation.attempt), cause)
         if observation.kind == "exited" and observation.exit is not None:
             info = observation.exit
             if info.started_at is not None:
@@ -382,6 +374,7 @@ class Agent:
                 case RunCommand():
                     await self._run(command)
                 case StopCommand():
+                    self._remember_stop(command)
                     grace = self.stop_timeout_s if command.grace_s is None else command.grace_s
                     stopped = await self.runtime.stop(
                         command.task_id, command.attempt, max(0.0, grace)
@@ -426,7 +419,7 @@ class Agent:
             await self._start_failed(command, f"{type(exc).__name__}: {exc}")
             return
         try:
-            info = await self.runtime.inspect_exit(container_id)
+            info = await self.runtime.inspect(container_id)
         except ContainerRuntimeError:  # removed already; its run still happened
             now = self.clock.now()
             info = ExitInfo(
@@ -476,7 +469,7 @@ class Agent:
         never = []
         for container_id in stopped:
             try:
-                info = await self.runtime.inspect_exit(container_id)
+                info = await self.runtime.inspect(container_id)
             except ContainerRuntimeError:
                 return True  # a daemon hiccup is no proof it never ran
             if info.running or info.started_at is not None:
@@ -538,6 +531,14 @@ class Agent:
             while len(self._causes) > MAX_REMEMBERED:
                 self._causes.popitem(last=False)
 
+    def _remember_stop(self, command: StopCommand) -> None:
+        """The exit a stop brings about is reported by the watcher: it cites the stop's
+        cause (the decision that asked for it), not the run's."""
+        if command.causation_id is not None:
+            self._stops[(command.task_id, command.attempt)] = command.causation_id
+            while len(self._stops) > MAX_REMEMBERED:
+                self._stops.popitem(last=False)
+
     async def _start_failed(self, command: RunCommand, error: str) -> None:
         now = self.clock.now()
         await self.record(
@@ -572,19 +573,6 @@ class Agent:
             if close is not None:
                 with anyio.CancelScope(shield=True):
                     await close()
-
-
-def bounded(event: Event) -> Event:
-    """The event with the runtime's error text clipped to what admission takes: Docker's
-    message (or an exception's) is not ours to bound, and an exit refused for its text
-    would leave its GPUs held until the node is lost."""
-    error = getattr(event, "error", None)
-    if not error or (len(error) <= MAX_TEXT_CHARS and "\x00" not in error):
-        return event
-    clipped = error.replace("\x00", "")
-    if len(clipped) > MAX_TEXT_CHARS:
-        clipped = clipped[: MAX_TEXT_CHARS - 20] + " ... (clipped)"
-    return msgspec.structs.replace(event, error=clipped)
 
 
 async def _relay(source: anyio.Event, target: anyio.Event) -> None:

@@ -25,13 +25,17 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import docker
-import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 from gpuwarden.engine.core.commands import RunCommand
-from gpuwarden.engine.core.events import ContainerExited, ContainerStarted, make_id
-from gpuwarden.engine.ports import ContainerRuntimeError, ContainerStartError
+from gpuwarden.engine.ports import (
+    ContainerInfo,
+    ContainerObservation,
+    ContainerRuntimeError,
+    ContainerStartError,
+    ExitInfo,
+)
 from requests.exceptions import RequestException
 
 TASK_LABEL: Final = "gpuwarden.task"
@@ -45,52 +49,6 @@ ENGINE_ERRORS: Final = (DockerException, RequestException)
 GpuMode = Literal["nvml", "declared"]
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
 _DOCKER_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
-
-
-class ContainerInfo(msgspec.Struct, frozen=True, kw_only=True):
-    container_id: str
-    name: str
-    task_id: str
-    attempt: int
-    node: str
-    command_id: str | None
-    state: str  # created | running | exited | dead | ...
-    exit_code: int | None
-    labels: dict[str, str]
-
-
-class ExitInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """How a container ended, as `docker inspect` tells it."""
-
-    container_id: str
-    running: bool
-    exit_code: int | None
-    oom_killed: bool
-    signal: int | None  # exit codes above 128 mean "killed by signal (code - 128)"
-    error: str
-    started_at: datetime | None
-    finished_at: datetime | None
-    task_id: str | None = None
-    attempt: int | None = None
-    node: str | None = None
-
-
-class ContainerObservation(msgspec.Struct, frozen=True, kw_only=True):
-    """A start or a death seen on Docker's event stream, ready to become an event.
-
-    `event_id` is derived from the container and the moment of that state change, so
-    the same change seen twice (a reconnect replays events) yields the same id.
-    """
-
-    kind: Literal["started", "exited"]
-    container_id: str
-    task_id: str
-    attempt: int
-    node: str
-    command_id: str | None
-    at: datetime
-    event_id: str
-    exit: ExitInfo | None = None
 
 
 # --- pure helpers ------------------------------------------------------------------
@@ -142,83 +100,6 @@ def exit_info_from_inspect(attrs: Mapping[str, Any]) -> ExitInfo:
     )
 
 
-def state_event_id(container_id: str, change: str, at: datetime) -> str:
-    """A stable event id for one state change of one container.
-
-    Time-prefixed like every id, with entropy from the container id, the change and
-    its exact moment: a repeat observation after a reconnect gets the same id, so the
-    log's `Nats-Msg-Id` de-duplication drops it.
-    """
-    key = f"{container_id}/{change}/{at.isoformat()}".encode()
-    entropy = int.from_bytes(hashlib.blake2b(key, digest_size=10).digest(), "big")
-    return make_id(int(at.timestamp() * 1000), entropy)
-
-
-def exit_event(
-    info: ExitInfo,
-    *,
-    task_id: str,
-    attempt: int,
-    node: str,
-    event_id: str,
-    at: datetime | None = None,
-    causation_id: str | None = None,
-) -> ContainerExited:
-    """The catalog event for a container's end, from what inspect said."""
-    moment = at or info.finished_at
-    if moment is None:
-        raise ValueError(f"container {info.container_id} has not finished; no exit event")
-    return ContainerExited(
-        id=event_id,
-        at=moment,
-        actor=f"agent:{node}",
-        causation_id=causation_id,
-        correlation_id=task_id,
-        task_id=task_id,
-        attempt=attempt,
-        node=node,
-        container_id=info.container_id,
-        exit_code=info.exit_code,
-        oom_killed=info.oom_killed,
-        signal=info.signal,
-        error=info.error,
-        finished_at=info.finished_at,
-    )
-
-
-def started_event(
-    observation: ContainerObservation, *, causation_id: str | None = None
-) -> ContainerStarted:
-    return ContainerStarted(
-        id=observation.event_id,
-        at=observation.at,
-        actor=f"agent:{observation.node}",
-        causation_id=causation_id,
-        correlation_id=observation.task_id,
-        task_id=observation.task_id,
-        attempt=observation.attempt,
-        node=observation.node,
-        container_id=observation.container_id,
-    )
-
-
-def observation_event(
-    observation: ContainerObservation, *, causation_id: str | None = None
-) -> ContainerStarted | ContainerExited:
-    """The catalog event an observation stands for."""
-    if observation.kind == "started" or observation.exit is None:
-        return started_event(observation, causation_id=causation_id)
-    return exit_event(
-        observation.exit,
-        task_id=observation.task_id,
-        attempt=observation.attempt,
-        node=observation.node,
-        event_id=observation.event_id,
-        at=observation.at,
-        causation_id=causation_id,
-    )
-
-
 def _int_or_none(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None
@@ -236,12 +117,14 @@ def _daemon_text(exc: Exception) -> str:
 
 
 class DockerRuntime:
-    """Containers for one node on one Docker Engine.
+    """Containers for one node on one Docker Engine: the `ContainerRuntime` port.
 
     gpu_mode "nvml": GPUs go to the container as a DeviceRequest (NVIDIA runtime
     required). gpu_mode "declared": no driver on the host; the ids are only passed in
     the environment, so the container sees which GPUs it was given.
     """
+
+    name = "docker"
 
     def __init__(
         self,
@@ -448,7 +331,7 @@ class DockerRuntime:
         except ENGINE_ERRORS as exc:
             raise ContainerRuntimeError(_daemon_text(exc)) from None
 
-    async def inspect_exit(self, container_id: str) -> ExitInfo:
+    async def inspect(self, container_id: str) -> ExitInfo:
         return await anyio.to_thread.run_sync(self._inspect_blocking, container_id)
 
     def _inspect_blocking(self, container_id: str) -> ExitInfo:
@@ -536,7 +419,7 @@ class DockerRuntime:
         if attempt is None:
             return None
         try:
-            info = await self.inspect_exit(container_id)
+            info = await self.inspect(container_id)
         except ContainerRuntimeError:
             info = _exit_from_event(container_id, raw)  # removed already: trust the event
         base = {
@@ -548,16 +431,13 @@ class DockerRuntime:
         }
         if action == "start":
             at = info.started_at or _event_time(raw)
-            return ContainerObservation(
-                kind="started", at=at, event_id=state_event_id(container_id, "start", at), **base
-            )
+            return ContainerObservation(kind="started", at=at, **base)
         if info.running:  # restarted since it died; its death is still this event
             info = _exit_from_event(container_id, raw)
         at = info.finished_at or _event_time(raw)
         return ContainerObservation(
             kind="exited",
             at=at,
-            event_id=state_event_id(container_id, "die", at),
             exit=info,
             **base,
         )

@@ -33,7 +33,10 @@ from typing import Any
 import anyio
 import msgspec
 from gpuwarden.adapters import scenario_file as sf
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
+from gpuwarden.adapters.event_log import JetStreamEventLog
+from gpuwarden.adapters.fake_runtime import RUNTIME_ERROR_EXIT, SIGTERM_EXIT
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.adapters.scenario_check import (
     ExpectationResult,
     GpuObservation,
@@ -43,11 +46,9 @@ from gpuwarden.adapters.scenario_check import (
     observe,
 )
 from gpuwarden.adapters.sim_runtime import (
-    RUNTIME_ERROR_EXIT,
-    SIGTERM_EXIT,
     CountingCommandBus,
+    SimCluster,
     SimNodeSpec,
-    SimRuntime,
     SimulationError,
 )
 from gpuwarden.engine.clock import VirtualClock
@@ -216,7 +217,7 @@ class Drill:
         self.liveness = Liveness(policy.node_lost_after_s)
         self.bus = CountingCommandBus(bus)
         self.engine = Engine(log, self.bus, self.clock, policy, liveness=self.liveness)
-        self.sim = SimRuntime(
+        self.sim = SimCluster(
             log,
             bus,
             self.clock,
@@ -296,13 +297,19 @@ class Drill:
     # --- steps ------------------------------------------------------------------------
 
     async def apply(self, group: list[sf.Step]) -> None:
-        """All steps of one instant, appended as one atomic batch."""
+        """All steps of one instant, in order. The API's events of consecutive steps go
+        in as one atomic batch; a fault on cue goes to the node's runtime or GPU probe,
+        and its agent reports it, recorded before the next step is applied."""
         events: list[ev.Event] = []
         for step in group:
-            events.extend(self.step_events(step))
-        for event in events:
-            if event.actor.startswith("agent:"):
-                self.sim.check_own(event)
+            produced = self.step_events(step)
+            if produced is None:  # a fault: what came before it goes first
+                if events:
+                    await self.log.append_batch(events, {})
+                    events = []
+                await self.sim.wait_handled(QUIESCE_TIMEOUT_S)
+            else:
+                events.extend(produced)
         if events:
             await self.log.append_batch(events, {})
         if any(isinstance(step, sf.NodeUpStep) for step in group):
@@ -312,7 +319,8 @@ class Drill:
         self.notes.append(f"{step.where} {step.kind} at {step.at:g}s: {problem}")
         return []
 
-    def step_events(self, step: sf.Step) -> list[ev.Event]:
+    def step_events(self, step: sf.Step) -> list[ev.Event] | None:
+        """The API's events a step makes, or None for a fault on cue (carried out)."""
         match step:
             case sf.SubmitStep():
                 return [self.submitted(step)]
@@ -381,20 +389,24 @@ class Drill:
         *,
         oom_killed: bool = False,
         error: str = "",
-    ) -> list[ev.Event]:
+    ) -> list[ev.Event] | None:
         container = self.sim.running(self.name(task))
         if container is None:
             return self.note(step, f"task {task} has no running container; step skipped")
-        return [self.sim.exited(container, exit_code=code, oom_killed=oom_killed, error=error)]
+        self.sim.exit(container, exit_code=code, oom_killed=oom_killed, error=error)
+        return None
 
-    def xid(self, step: sf.XidStep) -> list[ev.Event]:
+    def xid(self, step: sf.XidStep) -> list[ev.Event] | None:
         if step.gpu is not None:
-            return [self.sim.xid(self.name(step.gpu), step.code)]
+            self.sim.xid(self.name(step.gpu), step.code)
+            return None
         assert step.task is not None
         container = self.sim.latest_container(self.name(step.task))
         if container is None:
             return self.note(step, f"task {step.task} never ran on a GPU; step skipped")
-        return [self.sim.xid(uuid, step.code) for uuid in container.gpu_uuids]
+        for uuid in container.gpu_uuids:
+            self.sim.xid(uuid, step.code)
+        return None
 
     # --- the verdict ------------------------------------------------------------------
 

@@ -1,12 +1,13 @@
-"""A simulated cluster that talks to the engine exactly as Docker agents would.
+"""A simulated cluster: the real node `Agent` on every node, over in-memory containers.
 
 Fault drills and benchmarks need nodes, GPUs and containers that fail on cue, hours
-apart, in milliseconds of wall time. `SimRuntime` keeps them in memory but reaches
-the engine only through the real JetStream log and command bus: each node registers
-with `node.registered`, consumes `gw.cmd.<node>` with its own durable consumer, acks
-every command once its outcome is in the log, and appends only events about itself.
-So a drill exercises the same engine, log and command path as production; only the
-containers are imaginary.
+apart, in milliseconds of wall time. `SimCluster` runs one real `Agent` per node, each
+over its own `FakeRuntime` (containers in memory) and `FakeGpuHealth` (faults on cue),
+through the real JetStream log and command bus: each node registers, consumes
+`gw.cmd.<node>` with its own durable consumer, acks every command once its outcome is
+in the log, and appends only events about itself. So a drill exercises the code that
+runs on a GPU host; only the containers are imaginary. This module holds no rule of
+when to run or stop: those are the agent's alone.
 
 Heartbeats are the one shortcut. Production agents beat on core NATS every second or
 so; a drill that lets a virtual day pass would need tens of thousands of beats. Here
@@ -15,12 +16,9 @@ and every node that is up beats straight into the engine's `Liveness`, stamped w
 that virtual time. The engine sees an up node as having beaten continuously, and a
 down node's silence from the moment it went down, which is all liveness needs.
 
-A down node neither beats nor processes commands: its commands wait in the work
-queue (or in the node's hands, unacked) and are carried out when it comes back, where
-a stale run or stop still behaves sensibly (a stop of a container that is gone is a
-no-op; a run for an attempt already started is not started twice). As the real agent
-does, a stop that finds an attempt never run says so with a start failure, and a run
-that comes after that answer starts nothing.
+A down node is cut off, not dead: it neither beats nor takes commands, and what its
+containers and GPUs do meanwhile is reported when it comes back (its commands wait in
+the work queue, or unacked in its hands).
 """
 
 from __future__ import annotations
@@ -30,12 +28,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Final
 
 import anyio
 import anyio.abc
+from gpuwarden.adapters.agent import Agent
+from gpuwarden.adapters.fake_runtime import FakeContainer, FakeGpuHealth, FakeRuntime
 from gpuwarden.engine.core import events as ev
-from gpuwarden.engine.core.commands import Command, RunCommand, StopCommand
+from gpuwarden.engine.core.commands import Command
 from gpuwarden.engine.core.errors import GpuwardenError
 from gpuwarden.engine.core.liveness import Liveness
 from gpuwarden.engine.ids import new_id
@@ -43,11 +43,9 @@ from gpuwarden.engine.ports import Clock, CommandBus, EventLog, ReceivedCommand
 
 log = logging.getLogger("gpuwarden.sim")
 
-DEFAULT_MODEL = "sim"
-DEFAULT_MEMORY_MB = 81920
-SIGTERM_EXIT = 128 + 15
-SIGKILL_EXIT = 128 + 9
-RUNTIME_ERROR_EXIT = 128  # Docker's code when the runtime, not the process, failed
+DEFAULT_MODEL: Final = "sim"
+DEFAULT_MEMORY_MB: Final = 81920
+AGENT_START_S: Final = 60.0
 
 
 class SimulationError(GpuwardenError):
@@ -62,33 +60,36 @@ class SimNodeSpec:
     memory_mb: int | None = None
 
 
+def simulated_gpus(spec: SimNodeSpec) -> tuple[ev.GpuInfo, ...]:
+    """A simulated node's GPUs: uuids `<node>/<index>`, model "sim" and 80 GiB unless
+    the spec says otherwise."""
+    return tuple(
+        ev.GpuInfo(
+            uuid=f"{spec.name}/{i}",
+            index=i,
+            model=spec.model or DEFAULT_MODEL,
+            memory_mb=DEFAULT_MEMORY_MB if spec.memory_mb is None else spec.memory_mb,
+        )
+        for i in range(spec.gpus)
+    )
+
+
 @dataclass
 class SimNode:
     name: str
     gpus: tuple[ev.GpuInfo, ...]
+    runtime: FakeRuntime
+    health: FakeGpuHealth
     up: bool = True
     wake: anyio.Event = field(default_factory=anyio.Event)
-
-    @property
-    def actor(self) -> str:
-        return f"agent:{self.name}"
-
-
-@dataclass
-class SimContainer:
-    task_id: str
-    attempt: int
-    node: str
-    gpu_uuids: tuple[str, ...]
-    container_id: str
-    running: bool = True
+    agent: Agent | None = None
 
 
 class CountingCommandBus:
     """The engine's command bus, counting what it sent to each node.
 
-    The runner's quiescence check compares these counts with what the nodes have
-    handled, so it never needs to ask the server about the work queue.
+    The cluster's quiescence check compares these counts with what the nodes have
+    acked, so it never needs to ask the server about the work queue.
     """
 
     def __init__(self, bus: CommandBus) -> None:
@@ -99,12 +100,61 @@ class CountingCommandBus:
         await self.inner.send(command)
         self.sent[command.node] += 1
 
+    async def send_many(self, commands: Sequence[Command]) -> None:
+        await self.inner.send_many(commands)
+        self.sent.update(command.node for command in commands)
+
     def receive(self, node: str) -> AsyncIterator[ReceivedCommand]:
         return self.inner.receive(node)
 
 
-class SimRuntime:
-    """Simulated nodes and containers; see the module docstring for the contract."""
+class _Counted:
+    """A received command whose ack the cluster counts."""
+
+    def __init__(self, inner: ReceivedCommand, on_ack: CountingAck) -> None:
+        self.inner = inner
+        self.command = inner.command
+        self.on_ack = on_ack
+
+    async def ack(self) -> None:
+        await self.inner.ack()
+        self.on_ack(self.command.node)
+
+    async def nak(self, delay_s: float | None = None) -> None:
+        await self.inner.nak(delay_s)
+
+
+class CountingAck:
+    def __init__(self, cluster: SimCluster) -> None:
+        self.cluster = cluster
+
+    def __call__(self, node: str) -> None:
+        self.cluster.handled[node] += 1
+        self.cluster._signal()
+
+
+class _NodeBus:
+    """What one node's agent consumes: its commands, held while the node is cut off."""
+
+    def __init__(self, cluster: SimCluster, node: SimNode) -> None:
+        self.cluster = cluster
+        self.node = node
+
+    async def send(self, command: Command) -> None:
+        await self.cluster.bus.send(command)
+
+    async def send_many(self, commands: Sequence[Command]) -> None:
+        await self.cluster.bus.send_many(commands)
+
+    async def receive(self, node: str) -> AsyncIterator[ReceivedCommand]:
+        async for received in self.cluster.bus.receive(node):
+            while not self.node.up:
+                await self.node.wake.wait()
+            yield _Counted(received, self.cluster.counting_ack)
+
+
+class SimCluster:
+    """Simulated nodes, each served by a real `Agent`; see the module docstring."""
 
     def __init__(
         self,
@@ -121,46 +171,24 @@ class SimRuntime:
         self.clock = clock
         self.liveness = liveness
         self.counting = counting
+        self.counting_ack = CountingAck(self)
+        self.start_errors: dict[str, str] = {}  # shared: a task fails wherever it starts
         self.nodes: dict[str, SimNode] = {}
         for spec in nodes:
-            infos = tuple(
-                ev.GpuInfo(
-                    uuid=f"{spec.name}/{i}",
-                    index=i,
-                    model=spec.model or DEFAULT_MODEL,
-                    memory_mb=DEFAULT_MEMORY_MB if spec.memory_mb is None else spec.memory_mb,
-                )
-                for i in range(spec.gpus)
+            infos = simulated_gpus(spec)
+            runtime = FakeRuntime(
+                spec.name, clock, start_errors=self.start_errors, on_taken=self._signal
             )
-            node = SimNode(spec.name, infos)
+            node = SimNode(spec.name, infos, runtime, FakeGpuHealth(runtime))
             node.wake.set()
             self.nodes[spec.name] = node
         self.gpu_node = {g.uuid: n.name for n in self.nodes.values() for g in n.gpus}
-        self.containers: dict[tuple[str, int], SimContainer] = {}
-        self.never_ran: set[tuple[str, int]] = set()  # answered with a start failure
-        self.latest: dict[str, int] = {}  # task -> its latest attempt this cluster ran
-        self.start_errors: dict[str, str] = {}
         self.handled: Counter[str] = Counter()
-        self.seen_commands: set[str] = set()
         self.progress = anyio.Event()
         self.errors: list[BaseException] = []
+        self.serving = anyio.Event()  # set once `serve`'s agents are all ready
 
     # --- lifecycle -------------------------------------------------------------------
-
-    async def register(self) -> None:
-        """Every node announces itself and beats once (as an agent does on start)."""
-        now = self.clock.now()
-        for node in self.nodes.values():
-            event = ev.NodeRegistered(
-                id=new_id(now),
-                at=now,
-                actor=node.actor,
-                node=node.name,
-                runtime="sim",
-                gpus=node.gpus,
-            )
-            await self.emit([event])
-        self.beat(now)
 
     async def serve(
         self,
@@ -168,26 +196,50 @@ class SimRuntime:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Consume every node's commands (or only those named) until cancelled."""
+        """Run every node's agent (or only those named) until cancelled; started once
+        each has registered, reconciled and begun to consume its commands."""
         names = set(self.nodes) if only is None else set(only)
         async with anyio.create_task_group() as tg:
             for node in self.nodes.values():
                 if node.name in names:
-                    tg.start_soon(self._serve_node, node)
+                    node.agent = self._agent(node)
+                    tg.start_soon(self._run_agent, node, node.agent)
+            with anyio.fail_after(AGENT_START_S):
+                for node in self.nodes.values():
+                    if node.agent is not None and node.name in names:
+                        await node.agent.ready.wait()
+            self.serving.set()
             task_status.started()
 
-    async def _serve_node(self, node: SimNode) -> None:
+    def _agent(self, node: SimNode) -> Agent:
+        return Agent(
+            node.name,
+            self.log,
+            _NodeBus(self, node),
+            node.runtime,
+            node.gpus,
+            heartbeats=None,  # beaten into Liveness on the virtual clock (`beat`)
+            clock=self.clock,
+            inventory_source="simulated",
+            gpu_health=node.health,
+        )
+
+    async def _run_agent(self, node: SimNode, agent: Agent) -> None:
         try:
-            async for received in self.bus.receive(node.name):
-                while not node.up:
-                    await node.wake.wait()
-                await self._handle(node, received)
+            await agent.run()
         except anyio.get_cancelled_exc_class():
             raise
-        except Exception as exc:  # surfaced by the runner's quiescence check
-            log.error("node %s stopped serving: %s", node.name, exc)
+        except Exception as exc:  # surfaced by the quiescence check
+            log.error("agent of %s stopped: %s", node.name, exc)
             self.errors.append(exc)
             self._signal()
+
+    async def register(self) -> None:
+        """Once `serve`'s agents have registered their nodes, every node beats once, as
+        an agent does on start."""
+        with anyio.fail_after(AGENT_START_S):
+            await self.serving.wait()
+        self.beat(self.clock.now())
 
     # --- heartbeats and node state ---------------------------------------------------
 
@@ -203,160 +255,61 @@ class SimRuntime:
         node = self.nodes[name]
         node.up = False
         node.wake = anyio.Event()
+        node.runtime.hold()
 
     def node_up(self, name: str) -> None:
         node = self.nodes[name]
         node.up = True
         node.wake.set()
+        node.runtime.release()
         if self.liveness is not None:
             self.liveness.beat(name, self.clock.now())
 
     def down_nodes(self) -> list[str]:
         return [n.name for n in self.nodes.values() if not n.up]
 
-    # --- commands --------------------------------------------------------------------
-
-    async def _handle(self, node: SimNode, received: ReceivedCommand) -> None:
-        command = received.command
-        if command.id not in self.seen_commands:  # a redelivery is acked, not redone
-            self.seen_commands.add(command.id)
-            if isinstance(command, RunCommand):
-                started = self._run(node, command)
-                await self.emit([] if started is None else [started])
-            elif isinstance(command, StopCommand):
-                await self.emit(self._stop(node, command))
-        await received.ack()
-        self.handled[node.name] += 1
-        self._signal()
-
-    def _run(self, node: SimNode, command: RunCommand) -> ev.Event | None:
-        now = self.clock.now()
-        task, attempt = command.task_id, command.attempt
-        common: dict[str, Any] = {
-            "id": new_id(now),
-            "at": now,
-            "actor": node.actor,
-            "causation_id": command.causation_id,
-            "correlation_id": task,
-            "task_id": task,
-            "attempt": attempt,
-            "node": node.name,
-        }
-        existing = self.containers.get((task, attempt))
-        if existing is not None:  # a stale resend: report what is already so
-            return ev.ContainerStarted(container_id=existing.container_id, **common)
-        if (task, attempt) in self.never_ran:
-            return None  # answered already (a stop before it ran, or a failed start)
-        message = self.start_errors.pop(task, None)
-        self.latest[task] = max(attempt, self.latest.get(task, 0))
-        if message is not None:
-            self.never_ran.add((task, attempt))
-            return ev.ContainerStartFailed(error=message, **common)
-        container = SimContainer(
-            task, attempt, node.name, command.gpu_uuids, f"sim-{task}-{attempt}"
-        )
-        self.containers[(task, attempt)] = container
-        return ev.ContainerStarted(container_id=container.container_id, **common)
-
-    def _stop(self, node: SimNode, command: StopCommand) -> list[ev.Event]:
-        key = (command.task_id, command.attempt)
-        container = self.containers.get(key)
-        if container is None and key not in self.never_ran:
-            self.never_ran.add(key)  # never ran here: the engine waits to hear it
-            now = self.clock.now()
-            return [
-                ev.ContainerStartFailed(
-                    id=new_id(now),
-                    at=now,
-                    actor=node.actor,
-                    causation_id=command.causation_id,
-                    correlation_id=command.task_id,
-                    task_id=command.task_id,
-                    attempt=command.attempt,
-                    node=node.name,
-                    error="not started: stopped before its container started",
-                )
-            ]
-        if container is None or not container.running or container.node != node.name:
-            return []  # already gone: nothing to report
-        # Docker's stop: SIGTERM, or SIGKILL at once with no grace period (exit 128 + 9).
-        code = SIGKILL_EXIT if command.grace_s == 0 else SIGTERM_EXIT
-        return [self.exited(container, exit_code=code, causation_id=command.causation_id)]
-
     # --- faults on cue ---------------------------------------------------------------
 
-    def running(self, task: str) -> SimContainer | None:
+    def latest_container(self, task: str) -> FakeContainer | None:
+        """The task's container of its highest attempt, on whichever node ran it."""
+        found = [c for n in self.nodes.values() if (c := n.runtime.latest(task)) is not None]
+        return max(found, key=lambda c: c.attempt) if found else None
+
+    def running(self, task: str) -> FakeContainer | None:
         """The task's current running container (its latest attempt, if still running)."""
-        attempt = self.latest.get(task)
-        container = None if attempt is None else self.containers.get((task, attempt))
+        container = self.latest_container(task)
         return container if container is not None and container.running else None
 
-    def latest_container(self, task: str) -> SimContainer | None:
-        attempt = self.latest.get(task)
-        return None if attempt is None else self.containers.get((task, attempt))
-
     def arm_start_error(self, task: str, message: str) -> None:
-        """The next start of `task`'s container fails with `message`."""
+        """The next start of `task`'s container, on any node, fails with `message`."""
         self.start_errors[task] = message
 
-    def exited(
-        self,
-        container: SimContainer,
-        *,
-        exit_code: int,
-        oom_killed: bool = False,
-        error: str = "",
-        causation_id: str | None = None,
-    ) -> ev.ContainerExited:
-        """The container ends now; the event says how (signal = code - 128, as Docker)."""
-        now = self.clock.now()
-        container.running = False
-        return ev.ContainerExited(
-            id=new_id(now),
-            at=now,
-            actor=f"agent:{container.node}",
-            causation_id=causation_id,
-            correlation_id=container.task_id,
-            task_id=container.task_id,
-            attempt=container.attempt,
-            node=container.node,
-            container_id=container.container_id,
-            exit_code=exit_code,
-            oom_killed=oom_killed,
-            signal=exit_code - 128 if 128 < exit_code <= 128 + 64 else None,
-            error=error,
-            finished_at=now,
+    def exit(
+        self, container: FakeContainer, *, exit_code: int, oom_killed: bool = False, error: str = ""
+    ) -> None:
+        """The container's process ends now; its node's agent reports it."""
+        self.nodes[container.node].runtime.end(
+            container, exit_code=exit_code, oom_killed=oom_killed, error=error
         )
+        self._signal()
 
-    def xid(self, gpu_uuid: str, code: int) -> ev.GpuFault:
+    def xid(self, gpu_uuid: str, code: int) -> None:
+        """An Xid on a GPU now; its node's agent reports it, as from NVML."""
         now = self.clock.now()
-        node = self.gpu_node[gpu_uuid]
-        return ev.GpuFault(
-            id=new_id(now),
-            at=now,
-            actor=f"agent:{node}",
-            gpu_uuid=gpu_uuid,
-            node=node,
-            kind="xid",
-            xid=code,
-            detail=f"Xid {code} (simulated)",
+        node = self.nodes[self.gpu_node[gpu_uuid]]
+        node.health.report(
+            ev.GpuFault(
+                id=new_id(now),
+                at=now,
+                actor=f"agent:{node.name}",
+                gpu_uuid=gpu_uuid,
+                node=node.name,
+                kind="xid",
+                xid=code,
+                detail=f"Xid {code} (simulated)",
+            )
         )
-
-    # --- the log ---------------------------------------------------------------------
-
-    def check_own(self, event: ev.Event) -> None:
-        """A node speaks only about itself: its registration, containers and GPUs."""
-        node = getattr(event, "node", None)
-        assert node in self.nodes, f"sim event {ev.type_of(event)} about foreign node {node}"
-        assert event.actor == f"agent:{node}", f"{event.actor} wrote about {node}"
-        gpu = getattr(event, "gpu_uuid", None)
-        assert gpu is None or self.gpu_node.get(gpu) == node, f"{gpu} is not on {node}"
-
-    async def emit(self, events: Sequence[ev.Event]) -> None:
-        """Append this cluster's own events, each to its aggregate's subject."""
-        for event in events:
-            self.check_own(event)
-            await self.log.append(ev.subject_of(event), [event])
+        self._signal()
 
     # --- waiting ---------------------------------------------------------------------
 
@@ -365,17 +318,19 @@ class SimRuntime:
         self.progress = anyio.Event()
 
     def backlog(self) -> int:
-        """Commands sent to up nodes and not yet handled (needs a CountingCommandBus)."""
+        """Commands sent to up nodes and not yet acked (needs a CountingCommandBus), plus
+        reports of up nodes' containers and GPUs their agents have not yet recorded."""
+        up = [node for node in self.nodes.values() if node.up]
+        reports = sum(node.runtime.pending for node in up)
         if self.counting is None:
-            return 0
-        return sum(
-            max(0, self.counting.sent[name] - self.handled[name])
-            for name, node in self.nodes.items()
-            if node.up
+            return reports
+        return reports + sum(
+            max(0, self.counting.sent[node.name] - self.handled[node.name]) for node in up
         )
 
     async def wait_handled(self, timeout_s: float = 10.0) -> None:
-        """Until every command sent to an up node so far has been carried out."""
+        """Until every command sent to an up node so far has been carried out and every
+        report of an up node recorded."""
         with anyio.fail_after(timeout_s):
             while True:
                 if self.errors:

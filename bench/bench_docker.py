@@ -131,9 +131,11 @@ async def measure_agent(samples: int) -> tuple[list[float], list[float]]:
     from pathlib import Path
 
     from gpuwarden.adapters.agent import Agent
+    from gpuwarden.adapters.command_bus import JetStreamCommandBus
     from gpuwarden.adapters.embedded_nats import EmbeddedNats
+    from gpuwarden.adapters.event_log import JetStreamEventLog
     from gpuwarden.adapters.heartbeats import NatsHeartbeats
-    from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+    from gpuwarden.adapters.nats_connection import connect
     from gpuwarden.adapters.nvml_probe import declared_inventory
     from gpuwarden.engine.clock import SystemClock
     from gpuwarden.engine.core import events as ev

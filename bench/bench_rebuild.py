@@ -34,10 +34,12 @@ from typing import Any
 import anyio
 import docker
 from gpuwarden.adapters.agent import Agent
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
 from gpuwarden.adapters.docker_runtime import DockerRuntime, parse_docker_time
 from gpuwarden.adapters.embedded_nats import EmbeddedNats
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.adapters.heartbeats import NatsHeartbeats
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+from gpuwarden.adapters.nats_connection import connect
 from gpuwarden.adapters.nvml_probe import declared_inventory
 from gpuwarden.engine.clock import SystemClock
 from gpuwarden.engine.core import events as ev

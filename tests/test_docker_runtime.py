@@ -16,21 +16,22 @@ from typing import Any
 import anyio
 import docker
 import pytest
+from gpuwarden.adapters.agent_events import observation_event
 from gpuwarden.adapters.docker_runtime import (
-    ContainerObservation,
     DockerRuntime,
-    ExitInfo,
     container_name,
-    exit_event,
     exit_info_from_inspect,
-    observation_event,
     parse_docker_time,
-    state_event_id,
 )
 from gpuwarden.engine.core.commands import RunCommand
-from gpuwarden.engine.core.events import ContainerExited, ContainerStarted, decode, encode
+from gpuwarden.engine.core.events import ContainerExited, ContainerStarted
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.ports import ContainerRuntimeError, ContainerStartError
+from gpuwarden.engine.ports import (
+    ContainerObservation,
+    ContainerRuntimeError,
+    ContainerStartError,
+    ExitInfo,
+)
 
 from tests.fixtures.docker import DockerJanitor
 
@@ -107,32 +108,6 @@ def test_exit_info_reads_signal_and_labels_from_inspect() -> None:
     assert exit_info_from_inspect(_inspect(3)).signal is None
     running = exit_info_from_inspect(_inspect(0, running=True))
     assert running.running and running.exit_code is None and running.finished_at is None
-
-
-def test_exit_event_is_a_catalog_event_with_a_stable_id() -> None:
-    info = exit_info_from_inspect(_inspect(137, oom=True))
-    assert info.finished_at is not None
-    event_id = state_event_id(info.container_id, "die", info.finished_at)
-    assert event_id == state_event_id(info.container_id, "die", info.finished_at)
-    later = info.finished_at + timedelta(microseconds=1)
-    assert event_id != state_event_id(info.container_id, "die", later)
-    assert event_id != state_event_id(info.container_id, "start", info.finished_at)
-    event = exit_event(info, task_id="t1", attempt=2, node="n1", event_id=event_id)
-    assert isinstance(event, ContainerExited)
-    assert (event.exit_code, event.signal, event.oom_killed) == (137, 9, True)
-    assert event.at == info.finished_at and event.actor == "agent:n1"
-    assert decode(encode(event)) == event
-
-
-def test_exit_event_refuses_a_running_container() -> None:
-    with pytest.raises(ValueError, match="not finished"):
-        exit_event(
-            exit_info_from_inspect(_inspect(0, running=True)),
-            task_id="t",
-            attempt=1,
-            node="n",
-            event_id="x",
-        )
 
 
 def test_declared_mode_requires_a_known_gpu_mode(docker_client: docker.DockerClient) -> None:
@@ -332,10 +307,10 @@ async def test_watch_yields_start_and_die_with_ids_that_repeat_on_replay(
     assert (died.task_id, died.attempt, died.command_id) == (cmd.task_id, 1, cmd.id)
     assert (died.exit.exit_code, died.exit.oom_killed) == (5, False)
     event = observation_event(died)
-    assert isinstance(event, ContainerExited) and event.exit_code == 5 and event.id == died.event_id
+    assert isinstance(event, ContainerExited) and event.exit_code == 5
     replayed = await _collect(runtime, since, died.container_id, {"started", "exited"})
     readers = [t for t in threading.enumerate() if t.name == f"docker-events-{runtime.node}"]
     assert readers == [], "closing watch() must stop its reader thread"
-    assert replayed["exited"].event_id == died.event_id
+    assert observation_event(replayed["exited"]).id == event.id, "a replay de-duplicates"
     started = observation_event(replayed["started"])
     assert isinstance(started, ContainerStarted) and started.container_id == died.container_id

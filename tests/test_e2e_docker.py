@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 import anyio
 import docker
 import pytest
+from gpuwarden.adapters.command_bus import JetStreamCommandBus
+from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
-from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog
 from gpuwarden.engine.clock import SystemClock
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core.liveness import Liveness
@@ -28,6 +29,7 @@ from gpuwarden.engine.core.policy import Policy
 from gpuwarden.engine.ids import new_id
 from gpuwarden.engine.runtime import Engine
 
+from tests.fixtures.agent_world import DockerWorld
 from tests.fixtures.docker import DockerJanitor
 from tests.test_agent import Node, task_events, wait_event
 
@@ -67,7 +69,8 @@ class Cluster:
         with anyio.fail_after(10):
             await self.engine.caught_up.wait()
         for name in node_names:
-            node = Node(self.log, self.bus, self.client, self.janitor, name=name, gpus=1)
+            world = DockerWorld(self.client, self.janitor, self.image, node=name)
+            node = Node(self.log, self.bus, world, gpus=1)
             self.nodes[name] = node
             await node.start()
 

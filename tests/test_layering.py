@@ -203,3 +203,17 @@ def test_the_guards_catch_what_they_guard(tmp_path: Path) -> None:
     assert "docker" not in roots
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+MAX_LINES = 600
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_a_long_module_says_why_at_its_top(name: str) -> None:
+    """No module over about 600 lines without a reason written at its top."""
+    path = MODULES[name]
+    text = path.read_text()
+    if text.count("\n") <= MAX_LINES:
+        return
+    doc = ast.get_docstring(ast.parse(text)) or ""
+    assert "\nSize: " in f"\n{doc}", f"{path.relative_to(ROOT)}: over {MAX_LINES} lines, no 'Size:'"

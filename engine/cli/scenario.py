@@ -368,10 +368,12 @@ async def _kill_and_rebuild(client: Any, image: str) -> None:
 
     import anyio
     from gpuwarden.adapters.agent import Agent
+    from gpuwarden.adapters.command_bus import JetStreamCommandBus
     from gpuwarden.adapters.docker_runtime import DockerRuntime
     from gpuwarden.adapters.embedded_nats import EmbeddedNats
+    from gpuwarden.adapters.event_log import JetStreamEventLog
     from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
-    from gpuwarden.adapters.jetstream import JetStreamCommandBus, JetStreamEventLog, connect
+    from gpuwarden.adapters.nats_connection import connect
     from gpuwarden.adapters.nvml_probe import declared_inventory
     from gpuwarden.engine.clock import SystemClock
     from gpuwarden.engine.core import events as ev
