@@ -112,6 +112,20 @@ class EventLog(Protocol):
         """Events from `from_seq` on, in order, following the live log forever."""
 
 
+class ReadableLog(Protocol):
+    """The part of the EventLog port that readers need (the projections, export)."""
+
+    def read(
+        self, from_seq: int = 1, until_seq: int | None = None, subject: str | None = None
+    ) -> AsyncIterator[StoredEvent]: ...
+
+    def subscribe(
+        self, from_seq: int = 1, subject: str | None = None
+    ) -> AsyncIterator[StoredEvent]: ...
+
+    async def last_seq(self, subject: str | None = None) -> int: ...
+
+
 class ReceivedCommand(Protocol):
     command: Command
 

@@ -17,9 +17,8 @@ from typing import IO, Any, Final
 import msgspec
 from gpuwarden.engine.core.errors import EventDecodeError
 from gpuwarden.engine.core.events import Event, decode, encode, task_subject
-from gpuwarden.engine.ports import StoredEvent
+from gpuwarden.engine.ports import ReadableLog, StoredEvent
 from gpuwarden.projections.errors import ExportFormatError
-from gpuwarden.projections.store import ReadableLog
 
 _encoder: Final = msgspec.json.Encoder()
 _NULL: Final = msgspec.Raw(b"null")

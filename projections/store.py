@@ -23,12 +23,12 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple
 
 import aiosqlite
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
-from gpuwarden.engine.ports import StoredEvent
+from gpuwarden.engine.ports import ReadableLog, StoredEvent
 from gpuwarden.projections.errors import ProjectionStoreError
 from gpuwarden.projections.model import (
     Model,
@@ -84,20 +84,6 @@ PRAGMAS: Final = (
 # per checkpoint, and fewer checkpoints cut the writer's work by a tenth. The last
 # checkpoint runs when the writer closes the database, inside the rebuild.
 REBUILD_PRAGMAS: Final = (*PRAGMAS, "PRAGMA wal_autocheckpoint=10000")
-
-
-class ReadableLog(Protocol):
-    """The part of the EventLog port the projections read."""
-
-    def read(
-        self, from_seq: int = 1, until_seq: int | None = None, subject: str | None = None
-    ) -> AsyncIterator[StoredEvent]: ...
-
-    def subscribe(
-        self, from_seq: int = 1, subject: str | None = None
-    ) -> AsyncIterator[StoredEvent]: ...
-
-    async def last_seq(self, subject: str | None = None) -> int: ...
 
 
 class _Folded(NamedTuple):

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any
 
+from gpuwarden.engine.cli.common import connect_with, nats_url
 from gpuwarden.engine.core.errors import GpuwardenError
 from gpuwarden.engine.core.events import subject_token
 
@@ -177,7 +178,6 @@ async def request_as(nc: Any, subject: str, data: bytes, wait_s: float) -> Any:
 async def call(args: argparse.Namespace, subject: str, request: dict[str, Any]) -> dict[str, Any]:
     """One request-reply round trip; raises ApiUnavailableError when nobody answers."""
     import nats.errors
-    from gpuwarden.engine.cli.common import connect_with, nats_url
 
     async with nats_url(args) as url:
         nc = await connect_with(args, url, "gpuwarden-cli", max_reconnect_attempts=0)

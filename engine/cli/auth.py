@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -47,7 +49,6 @@ def register(subparsers: Any) -> None:
 
 
 async def run_auth(args: argparse.Namespace) -> int:
-    import anyio
     from gpuwarden.adapters.auth import generate, print_summary
 
     issued = await anyio.to_thread.run_sync(generate, args.out, args.node, args.user)

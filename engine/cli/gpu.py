@@ -15,7 +15,19 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from gpuwarden.engine.cli.common import open_event_log
 from gpuwarden.engine.core.errors import GpuwardenError
+from gpuwarden.engine.core.events import (
+    GpuQuarantined,
+    GpuRestored,
+    gpu_subject,
+    is_legacy_subject,
+    node_subject,
+    to_builtins,
+)
+from gpuwarden.engine.core.fold import evolve
+from gpuwarden.engine.core.state import initial_state
+from gpuwarden.engine.ids import new_id
 
 
 class GpuRestoreError(GpuwardenError):
@@ -34,18 +46,6 @@ def register(subparsers: Any) -> None:
 
 
 async def run_restore(args: argparse.Namespace) -> int:
-    from gpuwarden.engine.cli.common import open_event_log
-    from gpuwarden.engine.core.events import (
-        GpuQuarantined,
-        GpuRestored,
-        gpu_subject,
-        is_legacy_subject,
-        node_subject,
-        to_builtins,
-    )
-    from gpuwarden.engine.core.fold import evolve
-    from gpuwarden.engine.core.state import initial_state
-    from gpuwarden.engine.ids import new_id
 
     async with open_event_log(args) as log:
         subject = gpu_subject(args.gpu_uuid)

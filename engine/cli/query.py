@@ -22,12 +22,13 @@ from typing import IO, TYPE_CHECKING, Any, TextIO
 
 import anyio
 import msgspec
-from gpuwarden.engine.ports import StoredEvent
+from gpuwarden.engine.cli.common import open_event_log
+from gpuwarden.engine.ports import ReadableLog, StoredEvent
 from gpuwarden.projections import queries as q
 from gpuwarden.projections.explain import explain, render_text, task_events, to_json
 from gpuwarden.projections.export import write_jsonl
 from gpuwarden.projections.model import EventRow
-from gpuwarden.projections.store import DB_NAME, STREAM_META, ProjectionStore, ReadableLog
+from gpuwarden.projections.store import DB_NAME, STREAM_META, ProjectionStore
 from gpuwarden.projections.timeline import render_timeline
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ def _handler(run: Runner) -> Callable[[argparse.Namespace], Awaitable[int]]:
     """Adapt `run(args, log, store_path)` to the CLI's `handler(args)`."""
 
     async def handler(args: argparse.Namespace) -> int:
-        from gpuwarden.engine.cli.common import open_event_log
 
         async with open_event_log(args) as log:
             return await run(args, log, store_path(args))

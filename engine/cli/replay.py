@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 import anyio
 import msgspec
+from gpuwarden.engine.cli.common import open_event_log
 from gpuwarden.engine.core.events import to_builtins, type_of
 from gpuwarden.engine.core.policy import DEFAULT_POLICY, Policy, parse_policy
 from gpuwarden.projections import replay as rp
@@ -89,7 +90,6 @@ async def _records(args: argparse.Namespace) -> AsyncIterator[rp.Records]:
             raise rp.ReplayError(f"{path}: no such file (an exported JSONL log)")
         yield read_jsonl(path)
         return
-    from gpuwarden.engine.cli.common import open_event_log
 
     async with open_event_log(args) as log:
         last = await log.last_seq()

@@ -11,10 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
+from gpuwarden.engine.clock import SystemClock
+from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core.errors import GpuwardenError
+from gpuwarden.engine.core.events import type_of
+from gpuwarden.engine.core.liveness import Liveness
+from gpuwarden.engine.core.policy import Policy
+from gpuwarden.engine.ids import new_id
+from gpuwarden.engine.runtime import Engine
+from gpuwarden.projections.explain import explain_events, render_text, summary
 
 EXIT_FAILED = 1
 EXIT_ERROR = 2
@@ -242,7 +252,6 @@ _QUIET = frozenset({"node.registered"})
 async def run_demo(args: argparse.Namespace) -> int:
     from gpuwarden.adapters.scenario_file import parse_scenario
     from gpuwarden.adapters.scenario_runner import run_scenario
-    from gpuwarden.projections.explain import explain_events, render_text
 
     print("gpuwarden demo: fault drills on a simulated 2-node cluster (4 GPUs), through the")
     print("real engine and a real JetStream log (embedded nats-server), on a virtual clock.\n")
@@ -279,7 +288,6 @@ async def run_demo(args: argparse.Namespace) -> int:
 def timeline(records: Any) -> list[str]:
     """One readable line per event: virtual time, type, task, what it says."""
     from gpuwarden.adapters.scenario_runner import T0
-    from gpuwarden.engine.core.events import type_of
 
     lines = []
     for record in records:
@@ -299,7 +307,6 @@ DEMO_IMAGES = ("busybox:latest", "gpuwarden-test:latest", "alpine:latest")
 
 async def _docker_demo() -> str | None:
     """One real container killed and rebuilt; returns why it was skipped, or None."""
-    import anyio
 
     try:
         import docker  # noqa: F401
@@ -329,7 +336,6 @@ async def _docker_demo() -> str | None:
 
 async def _docker_client() -> Any:
     """A Docker client that answered a ping within 2 s, or why there is none."""
-    import anyio
     import docker
 
     def ping() -> Any:
@@ -364,9 +370,7 @@ def _local_image(client: Any) -> str | None:
 async def _kill_and_rebuild(client: Any, image: str) -> None:
     """The real path: engine, node agent and Docker; kill the container, watch the rebuild."""
     import tempfile
-    from datetime import UTC, datetime
 
-    import anyio
     from gpuwarden.adapters.agent import Agent
     from gpuwarden.adapters.command_bus import JetStreamCommandBus
     from gpuwarden.adapters.docker_runtime import DockerRuntime
@@ -375,12 +379,6 @@ async def _kill_and_rebuild(client: Any, image: str) -> None:
     from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness
     from gpuwarden.adapters.nats_connection import connect
     from gpuwarden.adapters.nvml_probe import declared_inventory
-    from gpuwarden.engine.clock import SystemClock
-    from gpuwarden.engine.core import events as ev
-    from gpuwarden.engine.core.liveness import Liveness
-    from gpuwarden.engine.core.policy import Policy
-    from gpuwarden.engine.ids import new_id
-    from gpuwarden.engine.runtime import Engine
 
     run = new_id()[-8:].lower()
     node, task = f"demo-{run}", f"demo-{run}"
@@ -447,8 +445,6 @@ async def _kill_and_rebuild(client: Any, image: str) -> None:
 
 def _summary(event: Any) -> str:
     """explain's one-line summary, with the GPU bookkeeping spelled out too."""
-    from gpuwarden.engine.core import events as ev
-    from gpuwarden.projections.explain import summary
 
     match event:
         case ev.GpuAllocated():
@@ -476,7 +472,6 @@ def msgspec_replace(event: Any, **changes: Any) -> Any:
 
 async def _wait_event(log: Any, task: str, kind: str, attempt: int) -> Any:
     """The first event of `kind` for the task's `attempt` (callers hold a deadline)."""
-    from gpuwarden.engine.core.events import type_of
 
     async for record in log.subscribe(1):
         event = record.event
