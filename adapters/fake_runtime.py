@@ -253,6 +253,11 @@ class FakeRuntime:
         """The next start of `task_id`'s container fails with `message`."""
         self.start_errors[task_id] = message
 
+    def container_of(self, task_id: str, attempt: int) -> FakeContainer | None:
+        """The attempt's container here, if any."""
+        mine = self._of(task_id, attempt)
+        return mine[-1] if mine else None
+
     def latest(self, task_id: str) -> FakeContainer | None:
         """The task's container of its highest attempt on this node, if any."""
         mine = [c for c in self.containers.values() if c.task_id == task_id]

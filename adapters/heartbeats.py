@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Final, Protocol
 
 import anyio
 import msgspec
@@ -29,14 +29,20 @@ HEARTBEAT_PREFIX = "gw.hb."
 HEARTBEAT_SUBJECTS = "gw.hb.*"
 
 
+MAX_AWAY_S: Final = 3600.0  # the longest absence an agent may announce
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     node: str
     at: datetime
     agent: str  # this agent process's instance id: a restart shows as a new one
+    # A graceful stop's announcement (an upgrade, a restart): "I am going, back within
+    # this many seconds; do not fail my node over before then". None on a plain beat.
+    away_s: float | None = None
 
 
 class HeartbeatSource(Protocol):
-    def listen(self) -> AsyncIterator[str]: ...
+    def beats(self) -> AsyncIterator[Heartbeat]: ...
 
 
 _encoder = msgspec.json.Encoder()
@@ -54,17 +60,25 @@ class NatsHeartbeats:
         self.nc = nc
         self.instance = instance or new_id()
 
-    async def beat(self, node: str) -> None:
-        payload = _encoder.encode(Heartbeat(node=node, at=datetime.now(UTC), agent=self.instance))
-        await self.nc.publish(heartbeat_subject(node), payload)
+    async def beat(self, node: str, *, away_s: float | None = None) -> None:
+        beat = Heartbeat(node=node, at=datetime.now(UTC), agent=self.instance, away_s=away_s)
+        await self.nc.publish(heartbeat_subject(node), _encoder.encode(beat))
+        if away_s is not None:
+            await self.nc.flush()  # the last word of a stopping agent must leave first
 
     async def listen(self) -> AsyncIterator[str]:
         """Node names, one per beat received, until the caller stops iterating."""
+        async for beat in self.beats():
+            yield beat.node
+
+    async def beats(self) -> AsyncIterator[Heartbeat]:
+        """Beats received (from their own node's subject only), until the caller stops."""
         sub = await self.nc.subscribe(HEARTBEAT_SUBJECTS)
         try:
             async for msg in sub.messages:
                 try:
-                    node = _decoder.decode(msg.data).node
+                    beat = _decoder.decode(msg.data)
+                    node = beat.node
                 except msgspec.DecodeError as exc:  # a stranger on our subject: say so, go on
                     log.warning("ignoring malformed heartbeat on %s: %s", msg.subject, exc)
                     continue
@@ -73,7 +87,7 @@ class NatsHeartbeats:
                     # node on it would let one agent keep a dead node alive.
                     log.warning("ignoring heartbeat for %r on %s", node, msg.subject)
                     continue
-                yield node
+                yield beat
         finally:
             with anyio.CancelScope(shield=True):
                 try:
@@ -84,6 +98,12 @@ class NatsHeartbeats:
 
 
 async def feed_liveness(heartbeats: HeartbeatSource, liveness: Liveness, clock: Clock) -> None:
-    """Run beside the engine: every beat received refreshes its node in Liveness."""
-    async for node in heartbeats.listen():
-        liveness.beat(node, clock.now())
+    """Run beside the engine: every beat received refreshes its node in Liveness, and a
+    graceful stop's announcement holds off its failover for the time announced (at most
+    MAX_AWAY_S; a negative or absurd one counts as none)."""
+    async for beat in heartbeats.beats():
+        away = beat.away_s
+        if away is not None and not 0 < away <= MAX_AWAY_S:
+            log.warning("node %s announced an absence of %r s; ignored", beat.node, away)
+            away = None
+        liveness.beat(beat.node, clock.now(), away_s=away)

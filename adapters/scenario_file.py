@@ -99,11 +99,13 @@ class SubmitStep(_Step, frozen=True, tag="submit"):
 class ExitStep(_Step, frozen=True, tag="exit"):
     task: str
     code: int
+    attempt: int | None = None  # which attempt's container; default: the latest
 
 
 class SignalStep(_Step, frozen=True, tag="signal"):
     task: str
     signal: int
+    attempt: int | None = None  # which attempt's container; default: the latest
 
     @property
     def exit_code(self) -> int:
@@ -112,6 +114,7 @@ class SignalStep(_Step, frozen=True, tag="signal"):
 
 class OomStep(_Step, frozen=True, tag="oom"):
     task: str
+    attempt: int | None = None  # which attempt's container; default: the latest
 
 
 class XidStep(_Step, frozen=True, tag="xid"):
@@ -133,6 +136,7 @@ class NodeUpStep(_Step, frozen=True, tag="node_up"):
 class RuntimeErrorStep(_Step, frozen=True, tag="runtime_error"):
     task: str
     message: str
+    attempt: int | None = None  # which attempt's container; default: the latest
 
 
 class StartErrorStep(_Step, frozen=True, tag="start_error"):
@@ -142,6 +146,7 @@ class StartErrorStep(_Step, frozen=True, tag="start_error"):
 
 class PreemptStep(_Step, frozen=True, tag="preempt"):
     task: str
+    attempt: int | None = None  # which attempt's container; default: the latest
 
 
 class CancelStep(_Step, frozen=True, tag="cancel"):
@@ -296,15 +301,15 @@ _GPU_EXPECT_KEYS: Final = ("gpu", "quarantined")
 _STEP_FIELDS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     # kind: (required keys, optional keys)
     "submit": (("task", "gpus", "image", "command"), ("gpu_model", "min_gpu_memory_mb")),
-    "exit": (("task", "code"), ()),
-    "signal": (("task", "signal"), ()),
-    "oom": (("task",), ()),
+    "exit": (("task", "code"), ("attempt",)),
+    "signal": (("task", "signal"), ("attempt",)),
+    "oom": (("task",), ("attempt",)),
     "xid": (("code",), ("task", "gpu")),
     "node_down": (("node",), ()),
     "node_up": (("node",), ()),
-    "runtime_error": (("task", "message"), ()),
+    "runtime_error": (("task", "message"), ("attempt",)),
     "start_error": (("task", "message"), ()),
-    "preempt": (("task",), ()),
+    "preempt": (("task",), ("attempt",)),
     "cancel": (("task",), ()),
     "run_for": (("seconds",), ()),
 }
@@ -491,6 +496,8 @@ class _Parser:
             return self.string(fields[key], f"{where}.{key}")
 
         common: dict[str, Any] = {"at": at, "index": index}
+        if "attempt" in fields:  # an earlier attempt's container (one on a cut-off node)
+            common["attempt"] = self.integer(fields["attempt"], f"{where}.attempt", 1)
         if kind == "submit":
             return self.submit(fields, common, where)
         if kind == "exit":
@@ -506,8 +513,9 @@ class _Parser:
             return cls(node=text("node"), **common)
         if kind in ("runtime_error", "start_error"):
             message = self.string(fields["message"], f"{where}.message")
-            cls2 = RuntimeErrorStep if kind == "runtime_error" else StartErrorStep
-            return cls2(task=text("task"), message=message, **common)
+            if kind == "runtime_error":
+                return RuntimeErrorStep(task=text("task"), message=message, **common)
+            return StartErrorStep(task=text("task"), message=message, **common)
         if kind == "run_for":
             return RunForStep(seconds=self.seconds(fields["seconds"], f"{where}.seconds"), **common)
         if kind == "oom":

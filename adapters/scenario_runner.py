@@ -327,15 +327,16 @@ class Drill:
             case sf.CancelStep():
                 return [self.cancelled(step)]
             case sf.ExitStep():
-                return self.exit(step, step.task, step.code)
+                return self.exit(step, step.task, step.attempt, step.code)
             case sf.SignalStep():
-                return self.exit(step, step.task, step.exit_code)
+                return self.exit(step, step.task, step.attempt, step.exit_code)
             case sf.OomStep():
-                return self.exit(step, step.task, OOM_EXIT, oom_killed=True)
+                return self.exit(step, step.task, step.attempt, OOM_EXIT, oom_killed=True)
             case sf.PreemptStep():
-                return self.exit(step, step.task, SIGTERM_EXIT)
+                return self.exit(step, step.task, step.attempt, SIGTERM_EXIT)
             case sf.RuntimeErrorStep():
-                return self.exit(step, step.task, RUNTIME_ERROR_EXIT, error=step.message)
+                code = RUNTIME_ERROR_EXIT
+                return self.exit(step, step.task, step.attempt, code, error=step.message)
             case sf.StartErrorStep():
                 self.sim.arm_start_error(self.name(step.task), step.message)
                 return []
@@ -385,14 +386,16 @@ class Drill:
         self,
         step: sf.Step,
         task: str,
+        attempt: int | None,
         code: int,
         *,
         oom_killed: bool = False,
         error: str = "",
     ) -> list[ev.Event] | None:
-        container = self.sim.running(self.name(task))
+        container = self.sim.running(self.name(task), attempt)
         if container is None:
-            return self.note(step, f"task {task} has no running container; step skipped")
+            which = "" if attempt is None else f" for attempt {attempt}"
+            return self.note(step, f"task {task} has no running container{which}; step skipped")
         self.sim.exit(container, exit_code=code, oom_killed=oom_killed, error=error)
         return None
 

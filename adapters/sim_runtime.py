@@ -275,9 +275,14 @@ class SimCluster:
         found = [c for n in self.nodes.values() if (c := n.runtime.latest(task)) is not None]
         return max(found, key=lambda c: c.attempt) if found else None
 
-    def running(self, task: str) -> FakeContainer | None:
-        """The task's current running container (its latest attempt, if still running)."""
-        container = self.latest_container(task)
+    def running(self, task: str, attempt: int | None = None) -> FakeContainer | None:
+        """The task's running container: its latest attempt's, or the given attempt's
+        (an earlier one may still run on a node that was cut off)."""
+        if attempt is None:
+            container = self.latest_container(task)
+        else:
+            found = [n.runtime.container_of(task, attempt) for n in self.nodes.values()]
+            container = next((c for c in found if c is not None), None)
         return container if container is not None and container.running else None
 
     def arm_start_error(self, task: str, message: str) -> None:

@@ -157,8 +157,9 @@ class Clock(Protocol):
 
 
 class Heartbeats(Protocol):
-    async def beat(self, node: str) -> None:
-        """Tell the engine this node's agent is alive (core NATS; not an event)."""
+    async def beat(self, node: str, *, away_s: float | None = None) -> None:
+        """Tell the engine this node's agent is alive (core NATS; not an event). With
+        `away_s`, the agent is stopping gracefully and will be back within that time."""
 
 
 class GpuHealth(Protocol):

@@ -482,3 +482,25 @@ def test_toml_syntax_error_names_file_and_line() -> None:
 def test_toml_syntax_error_at_end_of_file_names_a_line() -> None:
     message = error_of('name = "x"\ndescription = """never closed\n')
     assert message.startswith("drill.toml: line "), message
+
+
+def test_a_fault_step_may_name_an_earlier_attempt() -> None:
+    """An addition to the format (issue 15): `attempt` picks an earlier attempt's
+    container, one still running on a node that was cut off, for a late exit."""
+    steps = [
+        'exit = { task = "t1", code = 0, attempt = 1 }',
+        'signal = { task = "t1", signal = 15, attempt = 2 }',
+        'oom = { task = "t1", attempt = 1 }',
+        'preempt = { task = "t1", attempt = 1 }',
+        'runtime_error = { task = "t1", message = "m", attempt = 1 }',
+        'exit = { task = "t1", code = 0 }',
+    ]
+    text = HEAD + "".join(f"\n[[steps]]\nat = {i + 1}\n{s}\n" for i, s in enumerate(steps))
+    parsed = parse(text).steps[1:]
+    assert [getattr(s, "attempt", "?") for s in parsed] == [1, 2, 1, 1, 1, None]
+    bad = HEAD + '\n[[steps]]\nat = 1\nexit = { task = "t1", code = 0, attempt = 0 }\n'
+    assert "steps[1].exit.attempt" in error_of(bad)
+    wrong = (
+        HEAD + '\n[[steps]]\nat = 1\nstart_error = { task = "t1", message = "m", attempt = 1 }\n'
+    )
+    assert "attempt" in error_of(wrong)

@@ -479,7 +479,8 @@ def test_xid_long_after_the_exit_is_too_late() -> None:
     assert d.state.gpus["a/0"].quarantined  # the GPU is still taken out of service
 
 
-def test_node_lost_before_the_exit_decides_and_the_late_exit_decides_nothing() -> None:
+def test_node_lost_before_the_exit_decides_and_a_late_target_exit_decides_nothing() -> None:
+    """137 (SIGKILL, preempted) is a target fault: the rebuild it calls for was made."""
     d = Driver()
     d.node("a", 1)
     d.node("b", 1)
@@ -509,16 +510,101 @@ def test_exit_before_the_node_loss_is_classified_from_the_exit() -> None:
     assert only(d.of_type(ev.TaskFailed, "t1")).reason == "not_target_fault"
 
 
-def test_exit_finished_after_the_loss_but_reported_first_is_node_lost() -> None:
+def test_exit_finished_after_the_loss_but_reported_first_settles_the_attempt() -> None:
+    """Late evidence wins (issue 15 (d)): the node was cut off, not gone. The real exit
+    (1, a user error) fails the task as that fault; the rebuild is dropped."""
     d = Driver()
     d.node("a", 1)
     d.node("b", 1)
     running(d)
     lose(d, "a")
-    d.advance(2)
-    d.exit("t1", 1, finished_at=d.now)
-    d.advance(5)
+    d.advance(2)  # the rebuild waits out its backoff
+    d.exit_attempt("t1", 1, 1)
+    d.advance(30)
+    assert d.faults("t1") == ["node_lost", "user_error"]
+    failed = only(d.of_type(ev.TaskFailed, "t1"))
+    assert (failed.attempt, failed.fault, failed.reason) == (1, "user_error", "not_target_fault")
+    late = d.of_type(ev.FaultClassified, "t1")[-1]
+    exited = d.of_type(ev.ContainerExited, "t1")[-1]
+    assert late.causation_id == exited.id and failed.causation_id == late.id
+    assert d.of_type(ev.TaskScheduled, "t1")[1:] == [], "the rebuild is never placed"
+
+
+def late_exit_world(code: int, *, replacement_started: bool = True) -> tuple[Driver, ev.Event]:
+    """t1 ran on a; a was declared lost and t1 rebuilt on b; then a's agent, back, says
+    how attempt 1 really ended. Returns the driver and that exit."""
+    d = Driver(Policy(backoff_initial_s=0))
+    d.node("a", 1)
+    d.node("b", 1)
+    running(d)
+    lose(d, "a")
+    d.advance(1)
+    assert d.attempt("t1").n == 2 and d.attempt("t1").node == "b"
+    if replacement_started:
+        d.start("t1")
+    return d, d.exit_attempt("t1", 1, code)
+
+
+def test_a_late_exit_0_completes_the_task_and_stops_the_replacement() -> None:
+    d, exited = late_exit_world(0)
+    completed = only(d.of_type(ev.TaskCompleted, "t1"))
+    late = d.of_type(ev.FaultClassified, "t1")[-1]
+    assert (late.attempt, late.fault, late.causation_id) == (1, "completed", exited.id)
+    assert (completed.attempt, completed.causation_id) == (1, late.id)
+    assert d.state.tasks["t1"].status == "completed"
+    [stop] = commands_for(d.state, completed)
+    assert isinstance(stop, StopCommand) and (stop.node, stop.attempt) == ("b", 2)
+    assert stop.causation_id == completed.id and stop.reason.startswith("superseded")
+    assert holders(d)["b/0"] == ("t1", 2), "the replacement's GPU waits for its exit"
+    d.exit("t1", 143)  # the stop's SIGTERM
+    assert holders(d)["b/0"] is None
+    assert d.faults("t1") == ["node_lost"], "the stopped replacement is no fault"
+    assert d.of_type(ev.RebuildDecided, "t1")[1:] == []
+
+
+def test_a_late_non_target_exit_fails_the_task_as_that_fault() -> None:
+    d, _ = late_exit_world(3)
+    failed = only(d.of_type(ev.TaskFailed, "t1"))
+    assert (failed.attempt, failed.fault) == (1, "user_error")
+    [stop] = commands_for(d.state, failed)
+    assert isinstance(stop, StopCommand) and stop.attempt == 2
+
+
+def test_a_late_target_exit_leaves_the_replacement_standing() -> None:
+    d, _ = late_exit_world(143)  # SIGTERM: preempted, which is rebuilt anyway
+    assert d.of_type(ev.TaskCompleted, "t1") == d.of_type(ev.TaskFailed, "t1") == []
     assert d.faults("t1") == ["node_lost"]
+    assert d.state.tasks["t1"].status == "running" and not d.attempt("t1").stop_requested
+
+
+def test_a_late_exit_before_the_replacement_is_placed_places_nothing() -> None:
+    d = Driver(Policy(backoff_initial_s=60))
+    d.node("a", 1)
+    d.node("b", 1)
+    running(d)
+    lose(d, "a")
+    d.advance(1)
+    assert d.state.tasks["t1"].rebuild is not None  # waiting out its backoff
+    d.exit_attempt("t1", 1, 0)
+    d.advance(120)
+    assert d.state.tasks["t1"].status == "completed"
+    assert d.of_type(ev.TaskScheduled, "t1")[1:] == [] and holders(d)["b/0"] is None
+
+
+def test_a_late_exit_logged_while_no_engine_ran_is_settled_at_startup() -> None:
+    d = Driver(Policy(backoff_initial_s=0))
+    d.node("a", 1)
+    d.node("b", 1)
+    running(d)
+    lose(d, "a")
+    d.advance(1)
+    d.start("t1")
+    d.down = True
+    d.exit_attempt("t1", 1, 0)
+    d.restart()
+    assert d.state.tasks["t1"].status == "completed"
+    d.restart()  # and only once
+    assert len(d.of_type(ev.TaskCompleted, "t1")) == 1
 
 
 # --- budgets and backoff -----------------------------------------------------------

@@ -122,6 +122,20 @@ def _stop_cancelled(state: State, event: TaskCancelled) -> list[Command]:
     return [_stop(event.id, attempt, event.task_id, f"cancelled: {event.reason}")]
 
 
+def _stop_superseded(state: State, event: TaskCompleted | TaskFailed) -> list[Command]:
+    """A task ended by an earlier attempt's late exit: stop the replacement (folded with
+    stop_requested by the same event)."""
+    task = state.tasks.get(event.task_id)
+    attempt = task.current if task is not None else None
+    if attempt is None or attempt.n == event.attempt or not attempt.stop_requested:
+        return []
+    if attempt.exited is not None or attempt.start_failed is not None:
+        return []
+    how = "completed" if isinstance(event, TaskCompleted) else f"failed ({event.fault})"
+    reason = f"superseded: attempt {event.attempt}'s late exit {how} the task"
+    return [_stop(event.id, attempt, event.task_id, reason)]
+
+
 def _stop_classified(state: State, event: FaultClassified) -> list[Command]:
     task = state.tasks.get(event.task_id)
     attempt = None if task is None else task.attempts.get(event.attempt)
@@ -146,6 +160,8 @@ _COMMANDS: Final = dict(
         on(TaskCancelled, _stop_cancelled),
         on(FaultClassified, _stop_classified),
         on(NodeRecovered, _stop_stale),
+        on(TaskCompleted, _stop_superseded),
+        on(TaskFailed, _stop_superseded),
     ]
 )
 # Events that ask nothing of a node: facts the nodes told, a node's loss (what ran there
@@ -167,8 +183,6 @@ _COMMANDS_IGNORES: Final[frozenset[type[Event]]] = frozenset(
         ContainerStartFailed,
         ContainerExited,
         RebuildDecided,
-        TaskCompleted,
-        TaskFailed,
     }
 )
 

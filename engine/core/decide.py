@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -83,7 +84,9 @@ class _Round:
 
     __slots__ = (
         "concluded",
+        "ended",
         "events",
+        "late",
         "now",
         "place",
         "released",
@@ -100,6 +103,8 @@ class _Round:
         self.taken_on: dict[str, int] = {}  # of those, free ones per node
         self.released: set[str] = set()  # GPUs released in this round
         self.concluded: set[tuple[str, int]] = set()  # attempts classified in this round
+        self.late: set[tuple[str, int]] = set()  # attempts settled by a late exit
+        self.ended: set[str] = set()  # tasks a late exit ended in this round
         self.place = False  # run a placement round at the end
 
 
@@ -180,6 +185,8 @@ def reconcile(state: State, now: datetime) -> list[Event]:
     for task in state.tasks.values():
         if task.status in TERMINAL:
             continue
+        for earlier in task.attempts.values():  # a late exit logged while no engine ran
+            _late_exit(r, task, earlier)
         attempt = task.current
         if attempt is None or attempt.classified is not None or attempt.stop_requested:
             continue
@@ -267,7 +274,7 @@ def _conclude(r: _Round, task: TaskState, attempt: AttemptState) -> None:
     """Classify how an attempt ended and decide: complete, rebuild or fail."""
     state, now = r.state, r.now
     task_id = task.spec.task_id
-    if (task_id, attempt.n) in r.concluded:
+    if (task_id, attempt.n) in r.concluded or task_id in r.ended:
         return
     r.concluded.add((task_id, attempt.n))
     cls = classify(_evidence(state, attempt, task_id), state.table)
@@ -391,7 +398,8 @@ def _release(r: _Round, task_id: str, attempt: AttemptState, cause: str) -> None
 def _react_exited(r: _Round, e: ContainerExited) -> None:
     task = r.state.tasks.get(e.task_id)
     attempt = None if task is None else task.attempts.get(e.attempt)
-    if attempt is not None and has_ended(attempt):
+    if task is not None and attempt is not None and has_ended(attempt):
+        _late_exit(r, task, attempt)
         _release(r, e.task_id, attempt, e.id)  # ended before it died: its GPUs now
         return
     if e.exit_code != 0:
@@ -399,6 +407,50 @@ def _react_exited(r: _Round, e: ContainerExited) -> None:
     found = current_open(r.state, e.task_id, e.attempt)
     if found is not None:
         _conclude(r, *found)
+
+
+def _late_exit(r: _Round, task: TaskState, attempt: AttemptState) -> None:
+    """Late evidence wins: an attempt concluded `node_lost` whose real exit arrived
+    later (its agent was cut off, not its node) is settled by that exit.
+
+    The exit is classified as if the node had never been lost. A success completes the
+    task, as a Kubernetes Job counts a pod that succeeded; a fault the policy would not
+    rebuild fails the task as that fault. Either way the replacement, if it runs, is
+    stopped (`_supersede` in the fold, `_stop_superseded` in the commands) and keeps
+    its GPUs until its container is gone. A fault the policy would rebuild leaves the
+    replacement standing: the node_lost conclusion already did what it calls for.
+    """
+    classified, exited = attempt.classified, attempt.exited
+    if classified is None or classified.fault != "node_lost" or exited is None:
+        return
+    task_id = task.spec.task_id
+    if task.status in TERMINAL or (task_id, attempt.n) in r.late:
+        return
+    r.late.add((task_id, attempt.n))
+    evidence = replace(_evidence(r.state, attempt, task_id), node_lost=None)
+    cls = classify(evidence, r.state.table)
+    verdict = (
+        Verdict(action="complete")
+        if cls.fault == "completed"
+        else judge(r.state.policy, cls.fault, cls.exit_code, task.counted_rebuilds, r.now)
+    )
+    if verdict.action == "rebuild":
+        return
+    late = FaultClassified(
+        id=derive_id(exited.id, "late/classified"),
+        at=r.now,
+        actor=ENGINE,
+        causation_id=exited.id,
+        correlation_id=task_id,
+        task_id=task_id,
+        attempt=attempt.n,
+        fault=cls.fault,
+        rule=cls.rule,
+        evidence=cls.evidence,
+    )
+    r.events.append(late)
+    r.events.append(_verdict_event(r, task, attempt, cls, verdict, late.id))
+    r.ended.add(task_id)
 
 
 def _react_start_failed(r: _Round, e: ContainerStartFailed) -> None:
@@ -507,6 +559,8 @@ def _placement_round(r: _Round) -> None:
         rebuild = task.rebuild
         if rebuild is not None and rebuild.not_before > r.now:
             continue
+        if task.spec.task_id in r.ended:
+            continue  # settled in this round by an earlier attempt's late exit
         spec = task.spec
         request = PlacementRequest(
             gpus=spec.gpus,

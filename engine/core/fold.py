@@ -307,11 +307,23 @@ def _end_task(state: State, task_id: str, status: TaskStatus) -> TaskState | Non
     return task
 
 
+def _supersede(state: State, task_id: str, ended_by: int | None) -> None:
+    """A task ended by an earlier attempt's late evidence (its real exit, arriving after
+    its node was declared lost): the replacement still running is to be stopped, and
+    keeps its GPUs until its container is gone (`awaits_kill`)."""
+    task = state.tasks.get(task_id)
+    current = None if task is None else task.current
+    if ended_by is not None and current is not None and current.n != ended_by and current.live:
+        current.stop_requested = True
+
+
 def _on_task_completed(state: State, e: TaskCompleted) -> None:
+    _supersede(state, e.task_id, e.attempt)
     _end_task(state, e.task_id, "completed")
 
 
 def _on_task_failed(state: State, e: TaskFailed) -> None:
+    _supersede(state, e.task_id, e.attempt)
     task = _end_task(state, e.task_id, "failed")
     if task is not None:
         task.failure = e

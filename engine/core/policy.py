@@ -68,7 +68,7 @@ class Policy:
     window_s: float = 3600.0
     backoff_initial_s: float = 10.0
     backoff_max_s: float = 300.0
-    node_lost_after_s: float = 3.0
+    node_lost_after_s: float = 30.0
     evidence_window_s: float = 1.0
 
 
