@@ -5,11 +5,18 @@ the binary, and this module starts it on loopback with its store in the data
 directory, fsyncing every write (an audit log that loses acknowledged events is
 worthless). A second start for the same data directory finds the running server
 through a state file there, so two commands share one log instead of racing for it.
+
+The address is stable: the first start lets the server pick a free port and records it
+in the data directory (`nats/port.json`); every later start listens on that port again,
+so agents and commands given the URL find a restarted server where they left it. A
+recorded port that something else holds is an error naming the port and the file,
+never a silent move to another port.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -35,7 +42,11 @@ class NatsServerError(GpuwardenError):
 
 
 STATE_FILE = "server.json"
+PORT_FILE = "port.json"
 LOOPBACK = "127.0.0.1"
+# How long a start waits for a recorded port held by a server that is going (one just
+# killed) or coming (a concurrent start for this data directory) before it gives up.
+PORT_WAIT_S = 3.0
 
 
 def find_binary() -> Path:
@@ -58,6 +69,84 @@ def free_port() -> int:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def port_in_use(port: int) -> bool:
+    """True when a listener holds `port` on loopback (as nats-server binds: with
+    SO_REUSEADDR, so connections of a dead server lingering in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
+    return False
+
+
+@dataclass(frozen=True)
+class RecordedPorts:
+    """The ports a data directory's server listens on, kept across restarts."""
+
+    client: int
+    cluster: int | None = None
+
+
+def port_file(data_dir: Path) -> Path:
+    """Where the embedded server of `data_dir` keeps its ports."""
+    return Path(data_dir) / "nats" / PORT_FILE
+
+
+def read_port_file(path: Path) -> RecordedPorts | None:
+    """The ports recorded at `path`; None when there is no such file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, f"cannot be read ({exc})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise _corrupt(path, f"is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _corrupt(path, f'is not an object like {{"client": 4222}}: {text[:80]!r}')
+    unknown = sorted(set(data) - {"client", "cluster"})
+    if unknown:
+        raise _corrupt(path, f"has unknown keys {unknown} (expected client, cluster)")
+    if "client" not in data:
+        raise _corrupt(path, 'has no "client" port')
+    client = _valid_port(path, "client", data["client"])
+    cluster = data.get("cluster")
+    return RecordedPorts(client, None if cluster is None else _valid_port(path, "cluster", cluster))
+
+
+def write_port_file(path: Path, ports: RecordedPorts) -> None:
+    """Record `ports` at `path` atomically (write, fsync, rename): a crash leaves the old
+    file or the new one, never half of one."""
+    data: dict[str, int] = {"client": ports.client}
+    if ports.cluster is not None:
+        data["cluster"] = ports.cluster
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps(data) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _valid_port(path: Path, key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _corrupt(path, f'"{key}" must be a port number 1..65535, not {value!r}')
+    return value
+
+
+def _corrupt(path: Path, problem: str) -> NatsServerError:
+    return NatsServerError(
+        f"port file {path} {problem}; fix it, or delete it to let the embedded "
+        "nats-server pick a new port (clients given the old URL then need the new one)"
+    )
 
 
 @dataclass(frozen=True)
@@ -175,8 +264,13 @@ async def wait_jetstream_ready(
 class EmbeddedNats:
     """One nats-server for a data directory.
 
-    `port=None` lets the server pick a free port on first start; later restarts of
-    the same object reuse it, so connected clients reconnect to the same URL.
+    `port=None` takes the port recorded in the data directory (`nats/port.json`), or
+    on the very first start lets the server pick a free one; each start records the
+    ports it listens on there, so a restart -- of this object, or of a new process for
+    the same data directory -- comes back on the same URL and connected clients
+    reconnect to it. A cluster's ports are the caller's choice (its peers route to
+    them); they are recorded beside the client port. A port held by something else is
+    an error after `port_wait_s` (a server just killed may still hold it for a moment).
     `authorization`: an auth.conf (adapters/auth.py) the server includes; then
     `probe_options` are the connect options (credentials) of the readiness probe.
     """
@@ -187,12 +281,15 @@ class EmbeddedNats:
     cluster: ClusterSpec | None = None
     start_timeout_s: float = 10.0
     stop_timeout_s: float = 10.0
+    port_wait_s: float = PORT_WAIT_S
     binary: Path | None = None
     authorization: Path | None = None
     probe_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     url: str = field(default="", init=False)
     owned: bool = field(default=False, init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _port_source: Path | None = field(default=None, init=False, repr=False)
+    _log_offset: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -206,6 +303,10 @@ class EmbeddedNats:
     @property
     def store_dir(self) -> Path:
         return self.home / "store"
+
+    @property
+    def port_file(self) -> Path:
+        return port_file(self.data_dir)
 
     @property
     def pid(self) -> int | None:
@@ -233,6 +334,10 @@ class EmbeddedNats:
             self.url, self.owned = running, False
             return running
         self.home.mkdir(parents=True, exist_ok=True)
+        running = await self._claim_ports()
+        if running is not None:  # a start for this data directory got there first
+            self.url, self.owned = running, False
+            return running
         self._spawn()
         try:
             self.url = await self._await_url()
@@ -244,7 +349,57 @@ class EmbeddedNats:
         self.port = int(self.url.rpartition(":")[2])
         self.owned = True
         self._write_state()
+        cluster_port = self.cluster.port if self.cluster is not None else None
+        write_port_file(self.port_file, RecordedPorts(self.port, cluster_port))
         return self.url
+
+    async def _claim_ports(self) -> str | None:
+        """Settle the ports to listen on and wait (up to `port_wait_s`) until they are
+        free; the URL of this data directory's server instead, should one come up
+        meanwhile (a concurrent start)."""
+        self._port_source = None
+        if self.port is None:
+            recorded = read_port_file(self.port_file)
+            if recorded is not None:
+                self.port, self._port_source = recorded.client, self.port_file
+        deadline = time.monotonic() + self.port_wait_s
+        while True:
+            busy = self._busy_ports()
+            if not busy:
+                return None
+            running = await self.find_running()
+            if running is not None:
+                return running
+            if time.monotonic() >= deadline:
+                raise await self._port_taken(*busy[0])
+            await anyio.sleep(0.05)
+
+    def _busy_ports(self) -> list[tuple[str, int]]:
+        """The fixed ports (client, cluster) this server wants that a listener holds."""
+        wanted = [("client", self.port)] if self.port else []
+        if self.cluster is not None:
+            wanted.append(("cluster", self.cluster.port))
+        return [(what, port) for what, port in wanted if port_in_use(port)]
+
+    async def _port_taken(self, what: str, port: int) -> NatsServerError:
+        """The error for a port something else holds: which, where it came from, and
+        what to do about it."""
+        holder = "another process holds it"
+        if what == "client" and await _answers(f"nats://{LOOPBACK}:{port}"):
+            holder = (
+                "a NATS server answers there: another data directory's, or one of this "
+                f"data directory whose {self.home / STATE_FILE} is gone"
+            )
+        head = f"cannot start the embedded nats-server of {self.data_dir}"
+        if what == "client" and self._port_source is not None:
+            return NatsServerError(
+                f"{head}: port {port}, recorded in {self._port_source}, is in use "
+                f"({holder}). The port is kept so that agents and commands given "
+                f"nats://{LOOPBACK}:{port} find this server again after a restart; free "
+                f"the port, or delete {self._port_source} to let the server pick a new "
+                "one (agents and commands then need the new URL)"
+            )
+        return NatsServerError(f"{head}: its {what} port {port} is in use ({holder})")
 
     async def find_running(self) -> str | None:
         """The URL of a live server recorded in the data directory, if there is one."""
@@ -293,6 +448,7 @@ class EmbeddedNats:
             )
         )
         log: IO[bytes] = open(self.home / "nats.log", "ab")
+        self._log_offset = log.seek(0, os.SEEK_END)
         try:
             self._process = subprocess.Popen(
                 [str(binary), "-c", str(config)],
@@ -320,6 +476,10 @@ class EmbeddedNats:
         with anyio.move_on_after(self.start_timeout_s):
             while True:
                 if self._process.poll() is not None:
+                    busy = self._busy_ports()
+                    if busy and "address already in use" in self._log_since_spawn():
+                        # Taken between our check and its bind: the same clear error.
+                        raise await self._port_taken(*busy[0])
                     raise NatsServerError(
                         f"nats-server exited with {self._process.returncode}; "
                         f"see {self.home / 'nats.log'}: {self._log_tail()}"
@@ -361,6 +521,14 @@ class EmbeddedNats:
         tmp = self.home / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps({"pid": self._process.pid, "url": self.url}))
         tmp.replace(self.home / STATE_FILE)
+
+    def _log_since_spawn(self) -> str:
+        try:
+            with (self.home / "nats.log").open("rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def _log_tail(self) -> str:
         try:

@@ -337,6 +337,16 @@ async def run_up_command(args: argparse.Namespace) -> int:
             )
     parts = await _up_credentials(config)
     async with nats_url(config.engine.connection) as url:
+        if not config.engine.connection.nats:
+            from gpuwarden.adapters.embedded_nats import port_file
+
+            print(
+                f"gpuwarden: embedded NATS on {url}; its port is kept in "
+                f"{port_file(config.engine.connection.data_dir)}, so a restart comes back "
+                "on the same URL",
+                file=sys.stderr,
+                flush=True,
+            )
         engine = replace(
             config.engine,
             connection=config.engine.connection.at(url, parts.engine),
