@@ -15,21 +15,48 @@ exit seen twice -- by the watcher after a reconnect, by a reconcile after a rest
 is stored once (`Nats-Msg-Id`). A command is acked only once its event is stored: an
 agent killed midway gets it again, and the container's labels make the rerun find the
 container it already started.
+
+The agent outlives every fault of what it stands on. An observation the log does not
+take now (NATS away, no stream leader, a full stream, a timeout) waits in the outbox
+(adapters/agent_outbox.py: bounded, persisted in the agent's state directory) and is
+appended, in order, once the log takes writes again; it says so once at warning level
+("event log unreachable: ...; N observations buffered ..."), and again when the log
+takes them ("event log takes writes again: ..."). A command counts as done once its
+outcome is kept, in the log or in the persisted outbox: the outbox is fsynced before
+the ack, replayed first after a restart, and its ids are stable, so the outcome reaches
+the log exactly once either way (a command held unacked instead would be redelivered
+into the same full log, over and over, while blocking nothing it protects). A full
+outbox keeps the oldest and stops taking commands until there is room. A broken Docker
+event stream is followed again, with a reconcile once it answers (a restarted daemon
+replays nothing); a failing GPU probe is watched again; every retry backs off, capped.
+On a graceful stop (SIGTERM) it tells the engine, with a last heartbeat, when it will
+be back (`restart_window_s`), so an upgrade does not fail its node over.
+
+Size: over 600 lines because every run/stop rule and every outage rule of the node
+lives here, on purpose (see above); the events it writes are built in agent_events.py
+and the outbox is agent_outbox.py.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from datetime import datetime
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Final, Literal
 
 import anyio
 import anyio.abc
-import nats.errors
-from gpuwarden.adapters.agent_events import bounded, exit_event, observation_event, started_event
+from gpuwarden.adapters.agent_events import (
+    bounded,
+    exit_event,
+    observation_event,
+    started_event,
+    superseded_by,
+)
+from gpuwarden.adapters.agent_outbox import LOG_TROUBLE, Courier, Outbox, next_backoff, why
 from gpuwarden.engine.core.commands import Command, RemoveCommand, RunCommand, StopCommand
 from gpuwarden.engine.core.errors import GpuwardenError
 from gpuwarden.engine.core.events import (
@@ -40,7 +67,6 @@ from gpuwarden.engine.core.events import (
     NodeRegistered,
     derive_id,
     node_subject,
-    subject_of,
     task_subject,
     type_of,
 )
@@ -73,6 +99,8 @@ RETRY_DELAY_S = 1.0
 WATCH_RETRY_S = 0.5
 MAX_REMEMBERED = 4096
 ANSWERED = ""  # a run already answered in the log: ack it, start nothing
+INSPECT_RETRIES_S: Final = (0.1, 0.3)  # pauses before asking a daemon again
+GOODBYE_S: Final = 2.0  # how long the last heartbeat of a graceful stop may take
 
 
 class ForeignNodeError(GpuwardenError):
@@ -96,7 +124,12 @@ class Agent:
         inventory_source: InventorySource = "nvml",
         stop_timeout_s: float = 10.0,
         gpu_health: GpuHealth | None = None,
+        outbox: Outbox | None = None,
+        restart_window_s: float | None = None,
     ) -> None:
+        """`outbox`: where observations wait while the log takes no writes (None: one
+        in memory). `restart_window_s`: announced in the last heartbeat of a graceful
+        stop, "back within this long" (None or 0: no announcement)."""
         if inventory_source not in ("nvml", "declared", "simulated"):
             raise ValueError(
                 f"inventory_source must be 'nvml', 'declared' or 'simulated': {inventory_source!r}"
@@ -113,32 +146,34 @@ class Agent:
         self.inventory_source = inventory_source
         self.stop_timeout_s = stop_timeout_s
         self.gpu_health = gpu_health
+        self.courier = Courier(node, log, outbox if outbox is not None else Outbox())
+        self.restart_window_s = restart_window_s
         self.ready = anyio.Event()  # registered, reconciled, consuming commands
         self.unknown: list[ContainerInfo] = []  # labelled containers the log does not know
         self._locks = tuple(anyio.Lock() for _ in range(64))
         self._watch_since: datetime | None = None
+        self._watch_broken: str | None = None  # why the runtime's stream broke, until back
+        self._reconcile_wanted = anyio.Event()
         self._causes: OrderedDict[str, str] = OrderedDict()  # run command id -> its cause
         # (task, attempt) -> the cause of the stop sent for it: its exit cites that cause
         self._stops: OrderedDict[tuple[str, int], str] = OrderedDict()
-        self._recorded: OrderedDict[str, None] = OrderedDict()  # ids this agent stored
 
     # --- the guard -------------------------------------------------------------------
 
+    @property
+    def outbox(self) -> Outbox:
+        return self.courier.outbox
+
     async def record(self, event: Event) -> None:
-        """Append one observation; only ever about this agent's own node."""
+        """Keep one observation, only ever about this agent's own node: stored in the
+        log, or, while the log takes no writes, in the outbox behind the older ones."""
         node = getattr(event, "node", None)
         if node != self.node:
             raise ForeignNodeError(
                 f"agent of node {self.node!r} refused to append {type_of(event)} "
                 f"{event.id} about node {node!r}"
             )
-        if event.id in self._recorded:
-            return  # stored already (the log would drop it too; this saves the round trip)
-        event = bounded(event)
-        await self.log.append(subject_of(event), [event])
-        self._recorded[event.id] = None
-        while len(self._recorded) > MAX_REMEMBERED:
-            self._recorded.popitem(last=False)
+        await self.courier.send(bounded(event))
 
     # --- the service -----------------------------------------------------------------
 
@@ -146,20 +181,58 @@ class Agent:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         self._announce_inventory()
-        async with anyio.create_task_group() as tg:
-            if self.heartbeats is not None:  # None: the drills beat on the virtual clock
-                tg.start_soon(self._beat_loop, self.heartbeats)
-            watching = anyio.Event()
-            tg.start_soon(self._watch_loop, watching)
-            with anyio.fail_after(30):
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.heartbeats is not None:  # None: the drills beat on the virtual clock
+                    tg.start_soon(self._beat_loop, self.heartbeats)
+                tg.start_soon(self.courier.run)
+                watching = anyio.Event()
+                tg.start_soon(self._watch_loop, watching)
                 await watching.wait()  # subscribed first: no exit falls between list and stream
-            await self.register()
-            await self.reconcile()
-            tg.start_soon(self._command_loop)
-            if self.gpu_health is not None:
-                tg.start_soon(self._health_loop, self.gpu_health)
-            self.ready.set()
-            task_status.started()
+                await self._until_done("registration", self.register)
+                await self._until_done("reconciliation", self.reconcile)
+                tg.start_soon(self._reconcile_loop)
+                tg.start_soon(self._command_loop)
+                if self.gpu_health is not None:
+                    tg.start_soon(self._health_loop, self.gpu_health)
+                self.ready.set()
+                task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._leave()
+
+    async def _until_done(self, what: str, step: Callable[[], Awaitable[Any]]) -> None:
+        """Run `step` until it succeeds: the log or the runtime may be away for a while."""
+        backoff = 0.0
+        failed = False
+        while True:
+            try:
+                await step()
+            except Exception as exc:
+                if not failed:
+                    log.warning("node %s: %s failed: %s; retrying", self.node, what, why(exc))
+                failed = True
+                backoff = next_backoff(backoff)
+                await anyio.sleep(backoff)
+                continue
+            if failed:
+                log.warning("node %s: %s done", self.node, what)
+            return
+
+    async def _leave(self) -> None:
+        """A graceful stop's last words: what stays unsent, and when the node is back."""
+        self.courier.say_kept()
+        if self.heartbeats is None or not self.restart_window_s:
+            return
+        try:
+            with anyio.fail_after(GOODBYE_S):
+                await self.heartbeats.beat(self.node, away_s=self.restart_window_s)
+        except Exception as exc:
+            log.warning("node %s: could not announce its restart window: %s", self.node, exc)
+            return
+        log.info(
+            "node %s: told the engine it is back within %g s", self.node, self.restart_window_s
+        )
 
     def _announce_inventory(self) -> None:
         if self.inventory_source == "declared":
@@ -175,11 +248,15 @@ class Agent:
             log.info("node %s: %d GPUs %s", self.node, len(self.inventory), found)
 
     async def _beat_loop(self, heartbeats: Heartbeats) -> None:
+        failing = False
         while True:
             try:
                 await heartbeats.beat(self.node)
+                failing = False
             except Exception as exc:  # NATS away: keep trying, the engine will notice
-                log.warning("heartbeat of %s failed: %s", self.node, exc)
+                if not failing:
+                    log.warning("heartbeat of %s failed: %s; still beating", self.node, exc)
+                failing = True
             await anyio.sleep(self.heartbeat_s)
 
     # --- registration ----------------------------------------------------------------
@@ -222,27 +299,43 @@ class Agent:
     async def reconcile(self) -> None:
         """The runtime's containers for this node against what the log says about them."""
         containers = await self.runtime.list_managed()
-        state = await self._log_view({info.task_id for info in containers})
-        self.unknown = []
+        events = await self._log_events({info.task_id for info in containers})
+        state = _fold(events)
+        unknown: list[ContainerInfo] = []
         for info in containers:
-            await self._reconcile_one(state, info)
+            await self._reconcile_one(state, events, info, unknown)
+        self.unknown = unknown
+
+    async def _reconcile_loop(self) -> None:
+        """Reconcile again whenever the runtime's event stream comes back after a break:
+        what happened meanwhile may never be replayed (a restarted daemon forgets)."""
+        while True:
+            await self._reconcile_wanted.wait()
+            self._reconcile_wanted = anyio.Event()
+            await self._until_done("reconciliation", self.reconcile)
+
+    async def _log_events(self, task_ids: set[str]) -> list[Event]:
+        """The log's events of these tasks, then this agent's own about them that wait in
+        the outbox: what the log will say once it has them."""
+        subjects = {task_subject(t) for t in task_ids if t}
+        records = []
+        for subject in sorted(subjects):
+            records += [r async for r in self.log.read(subject=subject)]
+        stored = [r.event for r in sorted(records, key=lambda r: r.seq) if r.event is not None]
+        waiting = [e for e in self.outbox.pending() if _task_subject_of(e) in subjects]
+        return stored + waiting
 
     async def _log_view(self, task_ids: set[str]) -> State:
-        """The supervisor's fold of just the subjects these containers belong to."""
-        records = []
-        for subject in sorted({task_subject(t) for t in task_ids if t}):
-            records += [r async for r in self.log.read(subject=subject)]
-        state = initial_state()
-        for record in sorted(records, key=lambda r: r.seq):
-            if record.event is not None:
-                evolve(state, record.event)
-        return state
+        """The supervisor's fold of just the subjects these tasks belong to."""
+        return _fold(await self._log_events(task_ids))
 
-    async def _reconcile_one(self, state: State, info: ContainerInfo) -> None:
+    async def _reconcile_one(
+        self, state: State, events: list[Event], info: ContainerInfo, unknown: list[ContainerInfo]
+    ) -> None:
         task = state.tasks.get(info.task_id)
         attempt = task.attempts.get(info.attempt) if task is not None else None
         if attempt is None or attempt.node != self.node:
-            self.unknown.append(info)
+            unknown.append(info)
             log.warning(
                 "container %s (%s) is labelled for node %s but the log has no such "
                 "attempt; left alone. labels=%s",
@@ -253,23 +346,50 @@ class Agent:
             )
             return
         if info.state in RUNNING_STATES:
-            await self._adopt(info, attempt, stale=task is None or task.status in TERMINAL)
+            await self._adopt(info, attempt, superseded_by(events, info.task_id, info.attempt))
         elif info.state in ENDED_STATES and attempt.exited is None:
             exit_info = await self.runtime.inspect(info.container_id)
             await self._record_exit(exit_info, info.task_id, info.attempt, attempt.started)
 
-    async def _adopt(self, info: ContainerInfo, attempt: AttemptState, *, stale: bool) -> None:
-        """A running container: the watcher follows it; make sure its start is logged."""
+    async def _adopt(self, info: ContainerInfo, attempt: AttemptState, ended: Event | None) -> None:
+        """A running container: the watcher follows it; make sure its start is logged.
+
+        One whose attempt the log has concluded or superseded (classified, rebuilt, the
+        task ended) runs on GPUs the engine may have given to another: it is killed at
+        once, and its exit cites the event that ended its attempt."""
         if not attempt.started:
             exit_info = await self.runtime.inspect(info.container_id)
             await self._record_started(exit_info, info.task_id, info.attempt, None)
-        if stale or not attempt.live:
-            log.warning(
-                "container %s of %s attempt %d still runs, but the log says the attempt "
-                "ended; waiting for the engine's stop",
-                info.container_id[:12],
-                info.task_id,
-                info.attempt,
+        if ended is None:
+            if not attempt.live:
+                log.warning(
+                    "container %s of %s attempt %d still runs, but the log says the "
+                    "attempt ended; waiting for the engine's stop",
+                    info.container_id[:12],
+                    info.task_id,
+                    info.attempt,
+                )
+            return
+        log.warning(
+            "container %s of %s attempt %d still runs after %s %s; stopping it at once",
+            info.container_id[:12],
+            info.task_id,
+            info.attempt,
+            type_of(ended),
+            ended.id,
+        )
+        self._stops[(info.task_id, info.attempt)] = ended.id  # the watcher cites it too
+        await self.runtime.stop(info.task_id, info.attempt, 0.0)
+        stopped = await self.runtime.inspect(info.container_id)
+        if stopped.finished_at is not None and attempt.exited is None:
+            await self.record(
+                exit_event(
+                    stopped,
+                    task_id=info.task_id,
+                    attempt=info.attempt,
+                    node=self.node,
+                    causation_id=ended.id,
+                )
             )
 
     async def _record_started(
@@ -298,15 +418,17 @@ class Agent:
             await self._record_started(info, task_id, attempt, None)
         await self.record(exit_event(info, task_id=task_id, attempt=attempt, node=self.node))
 
-    # --- watching Docker -------------------------------------------------------------
+    # --- watching the runtime ----------------------------------------------------------
 
     async def _watch_loop(self, watching: anyio.Event) -> None:
-        """Follow Docker's events; after a broken stream, resume from the last moment seen."""
+        """Follow the runtime's events; after a broken stream, resume from the last moment
+        seen, with a capped backoff while the runtime does not answer."""
+        backoff = 0.0
         while True:
             ready = anyio.Event()
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_relay, ready, watching)
+                    tg.start_soon(self._subscribed, ready, watching)
                     stream = self.runtime.watch(self._watch_since, ready=ready)
                     async with aclosing(stream) as observations:  # type: ignore[type-var]
                         if self._watch_since is None:
@@ -314,14 +436,37 @@ class Agent:
                         async for observation in observations:
                             await self._on_observation(observation)
                             self._watch_since = max(self._watch_since, observation.at)
+                            backoff = 0.0
                     tg.cancel_scope.cancel()
-            except ContainerRuntimeError as exc:
-                log.warning(
-                    "watching %s on %s: %s; reconnecting", self.runtime.name, self.node, exc
-                )
-            except EventLogError as exc:
-                log.warning("recording an observation on %s failed: %s; retrying", self.node, exc)
-            await anyio.sleep(WATCH_RETRY_S)
+            except Exception as exc:  # the task group's ExceptionGroup included
+                if ready.is_set():
+                    backoff = 0.0  # it did answer: a fresh streak
+                broken = why(exc)
+                if self._watch_broken is None:
+                    log.warning(
+                        "node %s: watching %s failed: %s; following it again once it answers",
+                        self.node,
+                        self.runtime.name,
+                        broken,
+                    )
+                self._watch_broken = broken
+            backoff = next_backoff(backoff) if self._watch_broken else WATCH_RETRY_S
+            await anyio.sleep(backoff)
+
+    async def _subscribed(self, ready: anyio.Event, watching: anyio.Event) -> None:
+        """Once the runtime has the subscription: the agent may start, and after a break,
+        what happened meanwhile is reconciled."""
+        await ready.wait()
+        watching.set()
+        if self._watch_broken is not None:
+            log.warning(
+                "node %s: %s answers again (it failed: %s); reconciling",
+                self.node,
+                self.runtime.name,
+                self._watch_broken,
+            )
+            self._watch_broken = None
+            self._reconcile_wanted.set()
 
     async def _on_observation(self, observation: ContainerObservation) -> None:
         if observation.node != self.node:
@@ -339,27 +484,37 @@ class Agent:
 
     async def _command_loop(self) -> None:
         limiter = anyio.CapacityLimiter(COMMAND_CONCURRENCY)
+        backoff = 0.0
         async with anyio.create_task_group() as tg:
             while True:  # a consumer the server dropped (restart, failover) is made again
                 try:
                     async for received in self.bus.receive(self.node):
+                        backoff = 0.0
                         await limiter.acquire_on_behalf_of(received)
                         tg.start_soon(self._serve, received, limiter)
-                except (EventLogError, nats.errors.Error) as exc:
+                        # A full outbox could not keep another outcome: take no more.
+                        await self.outbox.wait(lambda: not self.outbox.full)
+                except Exception as exc:
                     log.warning("command queue of %s failed, consuming again: %s", self.node, exc)
-                    await anyio.sleep(RETRY_DELAY_S)
+                backoff = next_backoff(backoff)
+                await anyio.sleep(max(backoff, RETRY_DELAY_S))
 
     async def _serve(self, received: ReceivedCommand, limiter: anyio.CapacityLimiter) -> None:
         command = received.command
         try:
+            if self.outbox.full:  # taken before it filled: give it back, untouched
+                await received.nak(RETRY_DELAY_S)
+                return
             async with self._lock_for(command):
                 done = await self.handle(command)
             if done:
                 await received.ack()
             else:
                 await received.nak(RETRY_DELAY_S)
-        except (EventLogError, nats.errors.Error) as exc:
+        except LOG_TROUBLE as exc:
             log.warning("command %s not acked (%s); it will be redelivered", command.id, exc)
+        except Exception:  # never the end of the agent: the command comes again
+            log.exception("command %s failed; it will be redelivered", command.id)
         finally:
             limiter.release_on_behalf_of(received)
 
@@ -368,7 +523,10 @@ class Agent:
         return self._locks[hash((command.task_id, command.attempt)) % len(self._locks)]
 
     async def handle(self, command: Command) -> bool:
-        """Carry out one command; True once its outcome is stored (ack), False to retry."""
+        """Carry out one command; True once its outcome is kept (ack), False to retry.
+
+        Kept means stored in the log, or in the outbox while the log takes no writes:
+        fsynced in the state directory, sent first after a restart, with a stable id."""
         try:
             match command:
                 case RunCommand():
@@ -418,21 +576,31 @@ class Agent:
             log.exception("run %s failed unexpectedly", command.id)
             await self._start_failed(command, f"{type(exc).__name__}: {exc}")
             return
+        info = await self._inspect_started(container_id)
+        await self._record_started(info, command.task_id, command.attempt, command.causation_id)
+
+    async def _inspect_started(self, container_id: str) -> ExitInfo:
+        """How a container it just ran stands. A daemon hiccup is asked again a few
+        times: the start's id derives from its start time, and a stand-in time would
+        log the same start twice (the watcher reports the real one)."""
+        for delay in INSPECT_RETRIES_S:
+            try:
+                return await self.runtime.inspect(container_id)
+            except ContainerRuntimeError:
+                await anyio.sleep(delay)
         try:
-            info = await self.runtime.inspect(container_id)
+            return await self.runtime.inspect(container_id)
         except ContainerRuntimeError:  # removed already; its run still happened
-            now = self.clock.now()
-            info = ExitInfo(
+            return ExitInfo(
                 container_id=container_id,
                 running=False,
                 exit_code=None,
                 oom_killed=False,
                 signal=None,
                 error="",
-                started_at=now,
+                started_at=self.clock.now(),
                 finished_at=None,
             )
-        await self._record_started(info, command.task_id, command.attempt, command.causation_id)
 
     async def _refusal(self, task_id: str, attempt: int) -> str | None:
         """Why the log says this run must not start a container (None: run it).
@@ -558,26 +726,37 @@ class Agent:
     # --- GPU health ------------------------------------------------------------------
 
     async def _health_loop(self, health: GpuHealth) -> None:
-        faults = health.watch()
-        try:
-            async for fault in faults:
-                while True:  # a fault the log cannot take now is kept until it can
-                    try:
-                        await self.record(fault)
-                        break
-                    except EventLogError as exc:
-                        log.warning("gpu.fault of %s not stored yet: %s", fault.gpu_uuid, exc)
-                        await anyio.sleep(RETRY_DELAY_S)
-        finally:
-            close = getattr(faults, "aclose", None)  # stops the probe's reader thread
-            if close is not None:
-                with anyio.CancelScope(shield=True):
-                    await close()
+        """Record every GPU fault the probe reports; a probe that fails is watched again."""
+        backoff = 0.0
+        while True:
+            faults = health.watch()
+            try:
+                async for fault in faults:  # kept, in the log or the outbox, come what may
+                    await self._until_done(f"keeping {fault.id}", partial(self.record, fault))
+                    backoff = 0.0
+            except Exception as exc:
+                log.warning(
+                    "node %s: watching GPU health failed: %s; watching again", self.node, exc
+                )
+            finally:
+                close = getattr(faults, "aclose", None)  # stops the probe's reader thread
+                if close is not None:
+                    with anyio.CancelScope(shield=True):
+                        await close()
+            backoff = next_backoff(backoff)
+            await anyio.sleep(backoff)
 
 
-async def _relay(source: anyio.Event, target: anyio.Event) -> None:
-    await source.wait()
-    target.set()
+def _fold(events: Sequence[Event]) -> State:
+    state = initial_state()
+    for event in events:
+        evolve(state, event)
+    return state
+
+
+def _task_subject_of(event: Event) -> str | None:
+    task_id = getattr(event, "task_id", None)
+    return task_subject(task_id) if isinstance(task_id, str) else None
 
 
 def _never_started(attempt: AttemptState) -> bool:

@@ -9,11 +9,23 @@ calls these: the runtimes report containers, never events.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import datetime
 
 import msgspec
 from gpuwarden.engine.core.admission import MAX_TEXT_CHARS
-from gpuwarden.engine.core.events import ContainerExited, ContainerStarted, Event, make_id
+from gpuwarden.engine.core.events import (
+    ContainerExited,
+    ContainerStarted,
+    Event,
+    FaultClassified,
+    RebuildDecided,
+    TaskCancelled,
+    TaskCompleted,
+    TaskFailed,
+    TaskScheduled,
+    make_id,
+)
 from gpuwarden.engine.ports import ContainerObservation, ExitInfo
 
 
@@ -116,3 +128,22 @@ def bounded(event: Event) -> Event:
     if len(clipped) > MAX_TEXT_CHARS:
         clipped = clipped[: MAX_TEXT_CHARS - 20] + " ... (clipped)"
     return msgspec.structs.replace(event, error=clipped)
+
+
+def superseded_by(events: Sequence[Event], task_id: str, attempt: int) -> Event | None:
+    """The first of `events` (a task's log, in order) that ended the attempt for the
+    engine: its classification, a rebuild from it, a newer attempt, or the task's end.
+    A container of such an attempt that still runs holds GPUs the engine counts free."""
+    for event in events:
+        if getattr(event, "task_id", None) != task_id:
+            continue
+        match event:
+            case FaultClassified() if event.attempt == attempt:
+                return event
+            case RebuildDecided() if event.previous_attempt == attempt:
+                return event
+            case TaskScheduled() if event.attempt > attempt:
+                return event
+            case TaskCompleted() | TaskFailed() | TaskCancelled():
+                return event
+    return None

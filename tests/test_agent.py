@@ -18,8 +18,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,169 +26,41 @@ import anyio
 import anyio.abc
 import msgspec
 import pytest
-from gpuwarden.adapters.agent import Agent, ForeignNodeError
+from gpuwarden.adapters.agent import ForeignNodeError
 from gpuwarden.adapters.command_bus import JetStreamCommandBus
 from gpuwarden.adapters.event_log import JetStreamEventLog
 from gpuwarden.adapters.heartbeats import NatsHeartbeats, feed_liveness, heartbeat_subject
-from gpuwarden.adapters.nvml_probe import declared_inventory
 from gpuwarden.engine.clock import SystemClock
 from gpuwarden.engine.core import events as ev
 from gpuwarden.engine.core.commands import RunCommand, StopCommand
 from gpuwarden.engine.core.liveness import Liveness
 from gpuwarden.engine.ids import new_id
-from gpuwarden.engine.ports import ContainerRuntimeError, StoredEvent
+from gpuwarden.engine.ports import ContainerRuntimeError
 
 from tests.fixtures.agent_world import (
     DEADLINE_S,
-    DockerWorld,
-    FakeWorld,
+    WORLDS,
+    Node,
     World,
+    about,
+    running_node,
+    task_events,
+    wait_event,
+    world_for,
 )
 
-# --- the two worlds ------------------------------------------------------------------
 
-
-@pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
+@pytest.fixture(params=WORLDS)
 def world(request: pytest.FixtureRequest) -> World:
-    """The fake runtime, or Docker (its fixtures skip, or fail in CI, without one)."""
-    if request.param == "fake":
-        return FakeWorld()
-    return DockerWorld(
-        request.getfixturevalue("docker_client"),
-        request.getfixturevalue("docker_janitor"),
-        request.getfixturevalue("test_image"),
-    )
-
-
-# --- helpers -------------------------------------------------------------------------
-
-
-class Node:
-    """One agent under test, restartable, with the helpers a test drives it through."""
-
-    def __init__(
-        self,
-        log: JetStreamEventLog,
-        bus: JetStreamCommandBus,
-        world: World,
-        gpus: int = 2,
-    ) -> None:
-        self.log = log
-        self.bus = bus
-        self.world = world
-        self.name = world.node
-        self.gpus = gpus
-        self.runtime = world.runtime
-        self.heartbeats = NatsHeartbeats(log.nc)
-        self.agent: Agent | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    def make_agent(self) -> Agent:
-        return Agent(
-            self.name,
-            self.log,
-            self.bus,
-            self.runtime,
-            declared_inventory(self.name, self.gpus, "H100", 81920),
-            heartbeats=self.heartbeats,
-            clock=SystemClock(),
-            heartbeat_s=0.2,
-            inventory_source="declared",
-            stop_timeout_s=1,
-        )
-
-    async def start(self) -> Agent:
-        self.agent = self.make_agent()
-        self.task = asyncio.create_task(self.agent.run())
-        ready = asyncio.create_task(self.agent.ready.wait())
-        done, _ = await asyncio.wait(
-            {self.task, ready}, timeout=DEADLINE_S, return_when=asyncio.FIRST_COMPLETED
-        )
-        if self.task in done:
-            ready.cancel()
-            self.task.result()  # raises what killed it
-            raise AssertionError("agent ended before it was ready")
-        assert ready in done, "agent not ready in time"
-        return self.agent
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-            self.task = None
-
-    async def send_run(self, image: str, argv: list[str], **kw: Any) -> RunCommand:
-        """Log the task and its attempt as the engine would, then send the run command."""
-        command = await self.log_attempt(image, argv, **kw)
-        await self.bus.send(command)
-        return command
-
-    async def log_attempt(self, image: str, argv: list[str], **kw: Any) -> RunCommand:
-        """Log a task and its first attempt here; the run command for it, not yet sent."""
-        task_id = f"t-{uuid.uuid4().hex[:10]}"
-        now = datetime.now(UTC)
-        submitted = ev.TaskSubmitted(
-            id=new_id(),
-            at=now,
-            actor="api",
-            task_id=task_id,
-            name=task_id,
-            image=image,
-            command=tuple(argv),
-        )
-        scheduled = ev.TaskScheduled(
-            id=new_id(),
-            at=now,
-            actor="engine",
-            task_id=task_id,
-            attempt=1,
-            node=self.name,
-            gpu_uuids=(),
-        )
-        await self.log.append(ev.task_subject(task_id), [submitted, scheduled])
-        command = RunCommand(
-            id=new_id(),
-            node=self.name,
-            task_id=task_id,
-            attempt=1,
-            causation_id=scheduled.id,
-            image=image,
-            command=tuple(argv),
-            **kw,
-        )
-        return command
+    return world_for(request)
 
 
 @pytest.fixture
 async def node(
     event_log: JetStreamEventLog, command_bus: JetStreamCommandBus, world: World
 ) -> AsyncIterator[Node]:
-    n = Node(event_log, command_bus, world)
-    try:
+    async with running_node(event_log, command_bus, world) as n:
         yield n
-    finally:
-        await n.stop()
-
-
-async def wait_event(
-    log: JetStreamEventLog, predicate: Callable[[ev.Event], bool], timeout_s: float = DEADLINE_S
-) -> StoredEvent:
-    """The first event in the log (already there or still to come) that matches."""
-    with anyio.fail_after(timeout_s):
-        async with aclosing(log.subscribe(1)) as records:  # type: ignore[type-var]
-            async for record in records:
-                if record.event is not None and predicate(record.event):
-                    return record
-    raise AssertionError("the log ended")
-
-
-def about(task_id: str, kind: type[Any]) -> Callable[[ev.Event], bool]:
-    return lambda e: isinstance(e, kind) and getattr(e, "task_id", None) == task_id
-
-
-async def task_events(log: JetStreamEventLog, task_id: str) -> list[ev.Event]:
-    return [r.event async for r in log.read(subject=ev.task_subject(task_id)) if r.event]
 
 
 # --- containers run and end as the log says -------------------------------------------

@@ -10,6 +10,8 @@ start. Defaults are the command line's defaults.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, Literal
@@ -23,8 +25,13 @@ DEFAULT_NETWORK: Final = "none"  # task containers get no network unless asked
 DEFAULT_GPU_MODEL: Final = "declared"
 DEFAULT_HEARTBEAT_S: Final = 1.0
 DEFAULT_STOP_TIMEOUT_S: Final = 10.0
+# A stopping agent's last heartbeat says "back within this long": the engine holds off
+# failing its node over for that long (an upgrade, a restart). At most MAX_RESTART_WINDOW_S.
+DEFAULT_RESTART_WINDOW_S: Final = 300.0
+MAX_RESTART_WINDOW_S: Final = 3600.0  # what the engine accepts (heartbeats.MAX_AWAY_S)
 DEFAULT_UP_GPUS: Final = 2  # what `up` declares where NVML finds none
 MAX_PORT: Final = 65_535
+_UNSAFE_IN_PATH: Final = re.compile(r"[^A-Za-z0-9_.-]+")
 
 AgentRuntime = Literal["docker", "sim"]
 UpRuntime = Literal["auto", "docker", "sim", "none"]
@@ -139,6 +146,11 @@ class AgentConfig:
     heartbeat_s: float = DEFAULT_HEARTBEAT_S  # between heartbeats
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S  # SIGTERM grace on stop
     verbose: bool = False  # log every command
+    # Where the agent keeps what the log has not taken yet (its outbox); None: the
+    # default, `<data-dir>/agent-<node>/` (`state_path`).
+    state_dir: Path | None = None
+    # Announced in the last heartbeat of a graceful stop; 0: announce nothing.
+    restart_window_s: float = DEFAULT_RESTART_WINDOW_S
 
     def __post_init__(self) -> None:
         if not self.node:
@@ -150,6 +162,18 @@ class AgentConfig:
             raise ConfigError(f"--heartbeat-s must be > 0, not {self.heartbeat_s}")
         if not self.stop_timeout_s >= 0:
             raise ConfigError(f"--stop-timeout-s must be >= 0, not {self.stop_timeout_s}")
+        if not 0 <= self.restart_window_s <= MAX_RESTART_WINDOW_S:
+            raise ConfigError(
+                f"--restart-window-s must be 0 to {MAX_RESTART_WINDOW_S:g}, "
+                f"not {self.restart_window_s}"
+            )
+
+    @property
+    def state_path(self) -> Path:
+        """The agent's state directory: --state-dir, else one per node in the data dir."""
+        if self.state_dir is not None:
+            return self.state_dir
+        return self.connection.data_dir / f"agent-{_file_safe(self.node)}"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentConfig:
@@ -164,7 +188,18 @@ class AgentConfig:
             heartbeat_s=args.heartbeat_s,
             stop_timeout_s=args.stop_timeout_s,
             verbose=args.verbose,
+            state_dir=Path(args.state_dir) if args.state_dir else None,
+            restart_window_s=args.restart_window_s,
         )
+
+
+def _file_safe(name: str) -> str:
+    """A node name as one path component: unchanged when it is one already, else
+    cleaned, with a digest of the name so two names never share a directory."""
+    cleaned = _UNSAFE_IN_PATH.sub("_", name).strip(".") or "node"
+    if cleaned == name:
+        return name
+    return f"{cleaned}-{hashlib.blake2b(name.encode(), digest_size=4).hexdigest()}"
 
 
 @dataclass(frozen=True, kw_only=True)
